@@ -1,0 +1,1 @@
+"""Pieces the recipes share: checkpoints, logging, optimiser set-up, hidden-state cache."""
