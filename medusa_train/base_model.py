@@ -111,8 +111,7 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -128,18 +127,18 @@ def load_base_model(
     """Load a causal LM in eval mode. Embedded names resolve to the cached conversion."""
     from transformers import AutoModelForCausalLM
 
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=resolve_dtype(dtype, device),
+                             trust_remote_code=trust_remote_code, revision=revision)
+    return model.to(device).eval()
+
+
+def _from_pretrained(auto_class, name_or_path: str, **kwargs):
     path = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=resolve_dtype(dtype, device),
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-        )
+        return auto_class.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r}: not a local folder with config.json, and not a "
-            f"Hugging Face model id that could be downloaded (offline? set HF_HUB_OFFLINE=0 and log in). "
+            f"Hugging Face model id that could be downloaded (offline? unset HF_HUB_OFFLINE and log in). "
             f"Embedded names: {', '.join(EMBEDDED_MODELS)}. Cause: {e}"
         ) from e
-    return model.to(device).eval()

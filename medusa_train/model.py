@@ -85,12 +85,18 @@ class MedusaModel(nn.Module):
         dtype: str = "auto",
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> "MedusaModel":
-        """Base (name, path, loaded module, or None = the one named in the heads' config) + heads folder or Hub repo."""
-        from medusa_train.base_model import load_base_model
+        """Base (name, path, loaded module, or None = the one named in the heads' config) + heads folder or Hub repo.
 
-        heads_path = resolve_heads_path(heads)
-        medusa_heads = MedusaHeads.from_pretrained(heads_path)
+        The heads may be native, vLLM or FasterDecoding (see medusa_train.export); pickle weight
+        files (.pt/.bin) are read only with allow_pickle=True.
+        """
+        from medusa_train.base_model import load_base_model
+        from medusa_train.export.formats import load_any_heads
+
+        heads_path = resolve_heads_path(heads, allow_pickle=allow_pickle)
+        medusa_heads = load_any_heads(heads_path, allow_pickle=allow_pickle)
         if base is None:
             base = medusa_heads.config.base_model
             if base is None:
@@ -101,15 +107,16 @@ class MedusaModel(nn.Module):
         return cls(base, medusa_heads.to(param.device, param.dtype)).eval()
 
 
-def resolve_heads_path(heads: str | Path) -> Path:
-    """A local folder, or a Hub repo id downloaded with huggingface_hub."""
+def resolve_heads_path(heads: str | Path, allow_pickle: bool = False) -> Path:
+    """A local folder, or a Hub repo id downloaded with huggingface_hub (pickles only if allowed)."""
     path = Path(heads)
     if path.exists():
         return path
     if isinstance(heads, str) and heads.count("/") == 1 and not heads.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(heads, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        patterns = ["*.json", "*.safetensors", "*.md"] + (["*.pt", "*.bin"] if allow_pickle else [])
+        return Path(snapshot_download(heads, allow_patterns=patterns))
     raise FileNotFoundError(f"no heads folder at {heads}")
 
 

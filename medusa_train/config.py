@@ -1,0 +1,123 @@
+"""Structured config schemas: the single home of every default.
+
+Each YAML under conf/ names only the values that differ from these. Hydra validates the
+composed config against the dataclasses, so a typo in a key or a wrong type fails at
+composition, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # An embedded name (smollm2-135m-instruct), an HF model id, or a local folder.
+    name_or_path: str = "smollm2-135m-instruct"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Local JSON/JSONL files (relative to the cwd or the repo root) or HF dataset ids.
+    sources: list[str] = field(default_factory=lambda: ["data/default_train.jsonl"])
+    format: str = "auto"  # auto | sharegpt | messages | instruction | qa | completion | prompt
+    split: str = "train"
+    max_length: int = 512
+    max_rows: Optional[int] = None
+    eval_fraction: float = 0.05
+    eval_max_rows: int = 200
+    seed: int = 0
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int = 4
+    num_layers: int = 1
+    lm_head: str = "shared"  # shared | own
+    # Project heads onto the N most frequent training tokens only (None: full vocabulary).
+    truncated_vocab_size: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    lr_scheduler: str = "cosine"  # any name transformers.get_scheduler knows
+    max_grad_norm: float = 1.0
+    decay: float = 0.8  # head k's loss weight is heads_coefficient * decay**k
+    heads_coefficient: float = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    # Compute the frozen backbone's last hidden states once (on disk, memory-mapped) and
+    # train the heads from them.
+    hidden_cache: bool = True
+    hidden_cache_dtype: str = "float16"  # float16 | float32
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    on_nan: str = "stop"  # stop | skip
+    # Stop (with a checkpoint) after this many optimizer steps of *this* invocation;
+    # used by tests to simulate a kill. None: run to max_steps.
+    stop_after_steps: Optional[int] = None
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    project: str = "medusa_train"
+    run_name: Optional[str] = None
+    mode: str = "auto"  # auto: online with WANDB_API_KEY (or a wandb login), else offline
+
+
+@dataclass
+class SelfDistillConfig:
+    """The base model answers the data's user turns itself (recipe self_distill)."""
+
+    output_file: str = "${output_dir}/self_distill.jsonl"
+    batch_size: int = 16
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    chunk_size: int = 64  # conversations generated between two appends to output_file
+    max_turns: Optional[int] = None  # answer at most this many user turns per conversation
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING  # medusa1 | ... : module medusa_train.recipes.<name>
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
+    output_dir: str = MISSING
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 42
+    # Free-form room for launch metadata a recipe header wants to record.
+    notes: Optional[Any] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [("model", ModelConfig), ("data", DataConfig), ("heads", HeadsConfig),
+                        ("train", TrainConfig), ("logger", LoggerConfig)]:
+        cs.store(group=group, name=f"base_{group}", node=node)
