@@ -32,7 +32,7 @@ class DataConfig:
     max_length: int = 512
     max_rows: Optional[int] = None
     eval_fraction: float = 0.05
-    eval_max_rows: int = 200
+    eval_max_rows: int = 100
     seed: int = 0
 
 

@@ -17,21 +17,23 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from medusa_train.base_model import load_base_model, load_tokenizer
-from medusa_train.data import load_conversations, tokenize_conversations, train_eval_split
+from medusa_train.data import collate, load_conversations, tokenize_conversations, train_eval_split
 from medusa_train.heads import MedusaHeads
-from medusa_train.loss import IGNORE_INDEX, head_targets, head_weights, medusa_loss, topk_correct
+from medusa_train.loss import IGNORE_INDEX, head_weights, medusa_loss, topk_correct
 from medusa_train.model import build_heads
 from medusa_train.training.batching import global_batch, shard
 from medusa_train.training.checkpoint import latest_checkpoint, read_state, save_checkpoint_dir
+from medusa_train.training.head_batches import frequent_tokens, head_target_counts, pad_labels, selected_logits
+from medusa_train.training.head_eval import eval_metrics, evaluate_heads, format_summary
 from medusa_train.training.hidden_cache import build_hidden_cache, cache_key
 from medusa_train.training.run_dir import prepare_output_dir
+from medusa_train.training.setup import make_accelerator
 from medusa_train.training.tracking import init_tracking, tracker_name
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,7 @@ class NonFiniteLossError(RuntimeError):
 def main(cfg: DictConfig) -> dict:
     start_time = time.time()
     # ---- set-up -------------------------------------------------------------------------
-    accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg.train.mixed_precision),
-        log_with=tracker_name(cfg),
-        # Without an accelerator, processes started by `accelerate launch` join a gloo
-        # group on the CPU (recipes/accelerate_configs/cpu_ddp.yaml).
-        cpu=not torch.accelerator.is_available(),
-    )
+    accelerator = make_accelerator(cfg.train.mixed_precision, tracker_name(cfg))
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, accelerator=accelerator)
@@ -88,29 +84,33 @@ def main(cfg: DictConfig) -> dict:
     weights = head_weights(K, cfg.train.decay, cfg.train.heads_coefficient)
 
     # ---- hidden-state cache -------------------------------------------------------------
-    def backbone_hidden(rows: list[list[int]]) -> torch.Tensor:
-        ids, mask = _pad(rows, tokenizer.pad_token_id)
-        with torch.no_grad():
-            return decoder(input_ids=ids.to(accelerator.device),
-                           attention_mask=mask.to(accelerator.device)).last_hidden_state  # (B, T, H)
 
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    global_size = micro * accum * world
     train_cache = eval_cache = None
     if cfg.train.hidden_cache:
-        for split, rows, fp in [("train", train_rows, train_ds._fingerprint), ("eval", eval_rows, eval_ds._fingerprint)]:
-            key = cache_key(str(cfg.model.name_or_path), fp, cfg.train.hidden_cache_dtype, hidden_size)
+        # Only the rows the run will visit: a run shorter than an epoch caches no more
+        # than it would have computed anyway, and every later epoch is free.
+        visited = sorted({i for s in range(cfg.train.max_steps)
+                          for i in global_batch(len(train_rows), global_size, cfg.seed, s)})
+        for split, rows, fp, indices in [("train", train_rows, train_ds._fingerprint, visited),
+                                         ("eval", eval_rows, eval_ds._fingerprint, None)]:
+            key = cache_key(str(cfg.model.name_or_path), fp, cfg.train.hidden_cache_dtype, hidden_size, indices)
             cache = build_hidden_cache(output_dir / "hidden_cache" / split, key, rows, decoder, hidden_size,
                                        accelerator, dtype=cfg.train.hidden_cache_dtype,
-                                       desc=f"caching {split} hidden states")
+                                       desc=f"caching {split} hidden states", indices=indices)
             train_cache, eval_cache = (cache, eval_cache) if split == "train" else (train_cache, cache)
 
     def batch_hidden(indices: list[int], rows, labels, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, H) hidden states and (B, T) labels for rows `indices`, right-padded."""
-        lab = _pad_labels([labels[i] for i in indices])
+        batch = collate([{"input_ids": rows[i], "labels": labels[i]} for i in indices], tokenizer.pad_token_id)
         if cache is None:
-            hidden = backbone_hidden([rows[i] for i in indices])
+            with torch.no_grad():
+                hidden = decoder(input_ids=batch["input_ids"].to(accelerator.device),
+                                 attention_mask=batch["attention_mask"].to(accelerator.device)).last_hidden_state
         else:
             hidden = torch.nn.utils.rnn.pad_sequence([cache[i] for i in indices], batch_first=True)
-        return hidden.to(accelerator.device), lab.to(accelerator.device)
+        return hidden.to(accelerator.device), batch["labels"].to(accelerator.device)  # (B, T, H), (B, T)
 
     # ---- optimiser ----------------------------------------------------------------------
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -150,11 +150,9 @@ def main(cfg: DictConfig) -> dict:
     if untrained is None:
         untrained = evaluate()
         history.append({"step": 0, "eval": untrained})
-        accelerator.log(_eval_metrics(untrained), step=0)
+        accelerator.log(eval_metrics(untrained), step=0)
 
     # ---- train --------------------------------------------------------------------------
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
-    global_size = micro * accum * world
     train_time, train_tokens, steps_this_run = 0.0, 0, 0
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="medusa1", disable=not accelerator.is_local_main_process)
     heads_model.train()
@@ -165,10 +163,10 @@ def main(cfg: DictConfig) -> dict:
         rows = global_batch(len(train_rows), global_size, cfg.seed, step)
         micro_rows = [shard(rows[i * micro * world:(i + 1) * micro * world], accelerator.process_index, world)
                       for i in range(accum)]
-        micro_labels = [_pad_labels([train_labels[i] for i in r]) for r in micro_rows]
+        micro_labels = [pad_labels([train_labels[i] for i in r]) for r in micro_rows]
         # Normalise by the global batch's target count per head so that any split over
         # micro-batches and processes gives the same gradient as one big batch.
-        counts = sum(_head_target_counts(accelerator.unwrap_model(heads_model), lab, K) for lab in micro_labels)
+        counts = sum(head_target_counts(accelerator.unwrap_model(heads_model), lab, K) for lab in micro_labels)
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
         ce_sums = torch.zeros(K, device=accelerator.device)
         hits = torch.zeros(K, device=accelerator.device)
@@ -176,7 +174,7 @@ def main(cfg: DictConfig) -> dict:
             hidden, labels = batch_hidden(r, train_rows, train_labels, train_cache)
             sync = accelerator.no_sync(heads_model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
-                logits, targets = _selected_logits(heads_model, accelerator.unwrap_model(heads_model), lm_head,
+                logits, targets = selected_logits(heads_model, accelerator.unwrap_model(heads_model), lm_head,
                                                    hidden, labels, K)
                 loss, ce, _ = medusa_loss(logits, targets, weights, counts)
                 # DDP averages gradients over processes; the global normaliser already did.
@@ -220,7 +218,7 @@ def main(cfg: DictConfig) -> dict:
         if step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             result = evaluate()
             history.append({"step": step, "eval": result})
-            accelerator.log(_eval_metrics(result), step=step)
+            accelerator.log(eval_metrics(result), step=step)
             heads_model.train()
         if step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
             save(step)
@@ -234,7 +232,7 @@ def main(cfg: DictConfig) -> dict:
     # ---- final evaluation, save, summary ------------------------------------------------
     final = evaluate()
     history.append({"step": step, "eval": final})
-    accelerator.log(_eval_metrics(final), step=step)
+    accelerator.log(eval_metrics(final), step=step)
     heads_dir = output_dir / "heads"
     summary = {
         "recipe": cfg.recipe.name,
@@ -260,101 +258,3 @@ def main(cfg: DictConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
-
-
-# ---- helpers ------------------------------------------------------------------------------
-
-
-def frequent_tokens(labels: list[list[int]], vocab_size: int, n: int) -> torch.Tensor:
-    """The n most frequent target tokens (ties: lower id first), sorted by id."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for row in labels:
-        ids = torch.tensor([t for t in row if t != IGNORE_INDEX], dtype=torch.long)
-        counts.index_add_(0, ids, torch.ones_like(ids))
-    order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))[:n]
-    return torch.tensor(sorted(order), dtype=torch.long)
-
-
-def _head_target_counts(heads: MedusaHeads, labels: torch.Tensor, K: int) -> torch.Tensor:
-    targets = heads.to_head_vocab(head_targets(labels, K))
-    return (targets != IGNORE_INDEX).flatten(1).sum(-1)
-
-
-def _selected_logits(heads_model, heads: MedusaHeads, lm_head, hidden, labels, K):
-    """Head logits only at positions where some head has a target: (K, N, V'), targets (K, N).
-
-    Assistant tokens are a fraction of each row; projecting only those positions onto the
-    vocabulary is most of the saving on CPU.
-    """
-    targets = head_targets(labels, K)  # (K, B, T)
-    keep = (targets != IGNORE_INDEX).any(0)  # (B, T)
-    logits = heads_model(hidden[keep], lm_head)  # (K, N, V')
-    return logits, heads.to_head_vocab(targets[:, keep])
-
-
-@torch.no_grad()
-def evaluate_heads(heads, lm_head, rows, labels, cache, batch_hidden, batch_size, accelerator) -> dict:
-    """Top-1 / top-5 accuracy per head on held-out rows, against full-vocabulary targets.
-
-    Targets outside a truncated head vocabulary count as misses.
-    """
-    heads.eval()
-    K = heads.num_heads
-    mine = [i for i in range(len(rows)) if i % accelerator.num_processes == accelerator.process_index]
-    hits = {1: torch.zeros(K, device=accelerator.device), 5: torch.zeros(K, device=accelerator.device)}
-    totals = torch.zeros(K, device=accelerator.device)
-    for start in range(0, len(mine), batch_size):
-        hidden, lab = batch_hidden(mine[start:start + batch_size], rows, labels, cache)
-        with accelerator.autocast():
-            logits, targets = _selected_logits(heads, heads, lm_head, hidden, lab, K)
-        full = head_targets(lab, K)
-        totals += (full != IGNORE_INDEX).flatten(1).sum(-1)
-        for k, v in topk_correct(logits.float(), targets, ks=(1, 5)).items():
-            hits[k] += v
-    totals = accelerator.reduce(totals, reduction="sum")
-    result = {"tokens": int(totals[0])}
-    for k in (1, 5):
-        acc = accelerator.reduce(hits[k], reduction="sum") / totals.clamp(min=1)
-        result[f"top{k}"] = [round(float(a), 4) for a in acc]
-    return result
-
-
-def _eval_metrics(result: dict) -> dict:
-    return {f"eval/head{k + 1}/top{n}": result[f"top{n}"][k] for n in (1, 5) for k in range(len(result["top1"]))}
-
-
-def format_summary(s: dict) -> str:
-    lines = [
-        f"\nTrained {s['num_heads']} Medusa heads ({s['recipe']}) on {s['base_model']}: {s['steps']} steps, "
-        f"{s['train_rows']} training rows, {s['time_s']:.0f} s in all",
-        f"heads saved to {s['heads_dir']}",
-        f"training throughput {s['train_tokens_per_s_this_run']:.0f} tokens/s "
-        f"(hidden-state cache {'on' if s['hidden_cache'] else 'off'})",
-        f"held-out accuracy on {s['eval_final']['tokens']} tokens (untrained heads in brackets):",
-        "  head  top-1            top-5",
-    ]
-    for k in range(s["num_heads"]):
-        f1, f5 = s["eval_final"]["top1"][k], s["eval_final"]["top5"][k]
-        u1, u5 = s["eval_untrained"]["top1"][k], s["eval_untrained"]["top5"][k]
-        lines.append(f"  {k + 1:>4}  {f1:.3f} ({u1:.3f})    {f5:.3f} ({u5:.3f})")
-    return "\n".join(lines)
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    return ids, mask
-
-
-def _pad_labels(rows: list[list[int]]) -> torch.Tensor:
-    return _pad(rows, IGNORE_INDEX)[0]
-
-
-def _mixed_precision(requested: str) -> str:
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return requested

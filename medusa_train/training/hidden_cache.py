@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 META_NAME = "meta.json"
 
 
-def cache_key(model_name: str, dataset_fingerprint: str, dtype: str, hidden_size: int) -> str:
-    text = json.dumps([model_name, dataset_fingerprint, dtype, hidden_size])
+def cache_key(model_name: str, dataset_fingerprint: str, dtype: str, hidden_size: int, indices=None) -> str:
+    text = json.dumps([model_name, dataset_fingerprint, dtype, hidden_size, None if indices is None else list(indices)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -64,13 +64,18 @@ def build_hidden_cache(
     batch_tokens: int = 4096,
     dtype: str = "float16",
     desc: str = "caching hidden states",
+    indices: list[int] | None = None,
 ) -> HiddenCache:
-    """Run the frozen decoder over `rows` (token id lists) once and store last hidden states."""
+    """Run the frozen decoder once over rows `indices` (default: all) and store last hidden states.
+
+    `key` must identify the model, the rows and `indices`; a cache with another key is rebuilt.
+    """
     path = Path(path)
     rank, world = accelerator.process_index, accelerator.num_processes
     if not is_complete(path, key):
         path.mkdir(parents=True, exist_ok=True)
-        mine = [i for i in range(len(rows)) if i % world == rank]
+        indices = range(len(rows)) if indices is None else indices
+        mine = [i for n, i in enumerate(indices) if n % world == rank]
         _write_shard(path, rank, mine, rows, decoder, hidden_size, accelerator.device, batch_tokens,
                      np.dtype(dtype), desc, accelerator.is_local_main_process)
         accelerator.wait_for_everyone()

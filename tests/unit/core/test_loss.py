@@ -41,3 +41,10 @@ def test_topk_correct():
     targets = torch.tensor([[2, X]])
     hits = topk_correct(logits, targets, ks=(1, 2))
     assert hits[1].tolist() == [0] and hits[2].tolist() == [1]
+
+
+def test_frequent_tokens_ranks_by_count_then_id():
+    from medusa_train.training.head_batches import frequent_tokens
+
+    labels = [[X, 5, 5, 7], [7, 7, 2, X], [9]]
+    assert frequent_tokens(labels, vocab_size=10, n=3).tolist() == [2, 5, 7]  # 7 x3, 5 x2, then 2 < 9
