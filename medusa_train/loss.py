@@ -29,20 +29,24 @@ def head_weights(num_heads: int, decay: float, coefficient: float = 1.0) -> list
     return [coefficient * decay**k for k in range(num_heads)]
 
 
-def medusa_loss(head_logits: torch.Tensor, targets: torch.Tensor, weights: list[float]):
-    """Weighted sum of per-head CE.
+def medusa_loss(head_logits: torch.Tensor, targets: torch.Tensor, weights: list[float], token_counts=None):
+    """Weighted sum of per-head mean CE.
 
-    head_logits (K, B, T, V), targets (K, B, T) in the heads' vocabulary.
-    Returns (loss, per-head CE (K,), per-head token counts (K,)).
+    head_logits (K, ..., V), targets (K, ...) in the heads' vocabulary. Each head's CE sum
+    is divided by token_counts[k] (default: this batch's target count), so callers that
+    split one global batch over micro-batches and processes pass the global counts and
+    get exactly the global mean.
+    Returns (loss, per-head CE sums (K,), per-head target counts in this batch (K,)).
     """
-    K, _, _, V = head_logits.shape
+    K, V = head_logits.shape[0], head_logits.shape[-1]
     ce = F.cross_entropy(
         head_logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(K, -1)
-    counts = (targets.view(K, -1) != IGNORE_INDEX).sum(-1)
-    per_head = ce.sum(-1) / counts.clamp(min=1)
-    loss = (per_head * per_head.new_tensor(weights)).sum()
-    return loss, per_head.detach(), counts
+    counts = (targets.reshape(K, -1) != IGNORE_INDEX).sum(-1)
+    ce_sums = ce.sum(-1)
+    denom = (counts if token_counts is None else token_counts).clamp(min=1)
+    loss = (ce_sums / denom * ce_sums.new_tensor(weights)).sum()
+    return loss, ce_sums.detach(), counts
 
 
 @torch.no_grad()
