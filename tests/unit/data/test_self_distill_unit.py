@@ -28,7 +28,11 @@ PROMPTS = [[{"role": "user", "content": "hi " * n}] for n in (1, 9, 3, 20, 6)]
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
-    return load_base_model(str(tiny_model_dir), dtype="float32"), load_tokenizer(str(tiny_model_dir))
+    # One thread: tiny matmuls are fastest so, and two spin-wait badly on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_base_model(str(tiny_model_dir), dtype="float32"), load_tokenizer(str(tiny_model_dir))
+    torch.set_num_threads(threads)
 
 
 def test_batched_greedy_equals_unbatched(model_and_tokenizer):
