@@ -89,8 +89,42 @@ class SelfDistillConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    chunk_size: int = 64  # conversations generated between two appends to output_file
+    chunk_size: int = 64  # conversations answered between two fsynced appends (raised to batch_size if smaller)
     max_turns: Optional[int] = None  # answer at most this many user turns per conversation
+
+
+@dataclass
+class Medusa2Config:
+    """Medusa-2 (recipe medusa2): stage 1 trains the heads alone (the medusa1 recipe), stage 2
+    trains them jointly with the backbone. Stage 2 minimises
+        L_backbone + heads_coefficient * schedule(t) * sum_k train.decay**k * L_head_k.
+    The backbone trains at train.lr, the heads at train.lr * head_lr_multiplier (both stages).
+    """
+
+    stages: list[int] = field(default_factory=lambda: [1, 2])
+    # Heads to start stage 2 from when stage 1 is not run; default <output_dir>/stage1/heads.
+    stage1_heads: Optional[str] = None
+    stage1_max_steps: Optional[int] = None  # None: train.max_steps
+    stage1_heads_coefficient: float = 0.2  # stage 1's train.heads_coefficient
+    heads_coefficient: float = 0.1  # stage 2: lambda(t) = heads_coefficient * schedule(t)
+    schedule: str = "constant"  # constant | linear | sine | sine_<r> (sine over the first fraction r, then 1)
+    head_lr_multiplier: float = 4.0
+    backbone: str = "lora"  # lora | full (every backbone weight; fp32 weights, autocast on GPU)
+    lora_r: int = 32
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # peft target_modules; all-linear: every linear layer of the decoder blocks (attention and
+    # MLP projections), not the output lm_head.
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    qlora: bool = False  # 4-bit NF4 frozen base (bitsandbytes, CUDA) under the LoRA adapter
+    gradient_checkpointing: bool = False
+    # ce: next-token CE on the data's labels; kl: KL(original || tuned) next-token distributions
+    # at labelled positions (self-distillation); auto: kl when the data is self-distilled (a
+    # <file>.meta.json written by the self_distill recipe next to a data file, or the flag below).
+    backbone_loss: str = "auto"
+    data_is_self_distilled: bool = False
+    # auto: the LoRA adapter (lora) or the whole model (full); merged: LoRA merged into the base.
+    save: str = "auto"  # auto | adapter | merged
 
 
 @dataclass
@@ -107,6 +141,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
+    medusa2: Medusa2Config = field(default_factory=Medusa2Config)
     output_dir: str = MISSING
     resume: bool = False
     overwrite: bool = False

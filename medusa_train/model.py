@@ -92,7 +92,7 @@ class MedusaModel(nn.Module):
         The heads may be native, vLLM or FasterDecoding (see medusa_train.export); pickle weight
         files (.pt/.bin) are read only with allow_pickle=True.
         """
-        from medusa_train.base_model import load_base_model
+        from medusa_train.training.lora import backbone_dir_for, load_backbone
         from medusa_train.export.formats import load_any_heads
 
         heads_path = resolve_heads_path(heads, allow_pickle=allow_pickle)
@@ -102,7 +102,9 @@ class MedusaModel(nn.Module):
             if base is None:
                 raise ValueError(f"heads in {heads_path} do not name their base model: pass base=")
         if not isinstance(base, nn.Module):
-            base = load_base_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            # A Medusa-2 run's heads name their tuned backbone (LoRA adapter or merged model) too.
+            base = load_backbone(base, backbone_dir_for(heads_path, medusa_heads.config), dtype=dtype,
+                                 device=device, trust_remote_code=trust_remote_code)
         param = next(base.parameters())
         return cls(base, medusa_heads.to(param.device, param.dtype)).eval()
 

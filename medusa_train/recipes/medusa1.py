@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,15 +22,21 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from medusa_train.base_model import load_base_model, load_tokenizer
-from medusa_train.data import collate, load_conversations, tokenize_conversations, train_eval_split
-from medusa_train.heads import MedusaHeads
+from medusa_train.data import collate
 from medusa_train.loss import IGNORE_INDEX, head_weights, medusa_loss, topk_correct
 from medusa_train.model import build_heads
-from medusa_train.training.batching import global_batch, shard
+from medusa_train.training.batching import global_batch
 from medusa_train.training.checkpoint import latest_checkpoint, read_state, save_checkpoint_dir
 from medusa_train.training.head_batches import frequent_tokens, head_target_counts, pad_labels, selected_logits
 from medusa_train.training.head_eval import eval_metrics, evaluate_heads, format_summary
 from medusa_train.training.hidden_cache import build_hidden_cache, cache_key
+from medusa_train.training.loop import (
+    NonFiniteLossError,  # noqa: F401  (raised by take_step; part of this recipe's interface)
+    micro_batch_rows,
+    restore_heads,
+    take_step,
+    tokenized_splits,
+)
 from medusa_train.training.run_dir import prepare_output_dir
 from medusa_train.training.setup import make_accelerator
 from medusa_train.training.tracking import init_tracking, tracker_name
@@ -39,11 +44,8 @@ from medusa_train.training.tracking import init_tracking, tracker_name
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig, end_training: bool = True) -> dict:
+    """end_training=False keeps the process group up for a recipe that trains on after this one (medusa2)."""
     start_time = time.time()
     # ---- set-up -------------------------------------------------------------------------
     accelerator = make_accelerator(cfg.train.mixed_precision, tracker_name(cfg))
@@ -55,12 +57,7 @@ def main(cfg: DictConfig) -> dict:
 
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
-    with accelerator.main_process_first():  # one process tokenises, the others hit the datasets cache
-        conversations = load_conversations(list(cfg.data.sources), format=cfg.data.format, split=cfg.data.split,
-                                           max_rows=cfg.data.max_rows)
-        tokenized = tokenize_conversations(conversations, tokenizer, cfg.data.max_length)
-    train_ds, eval_ds = train_eval_split(tokenized, cfg.data.eval_fraction, cfg.data.seed)
-    eval_ds = eval_ds.select(range(min(len(eval_ds), cfg.data.eval_max_rows)))
+    train_ds, eval_ds = tokenized_splits(cfg.data, tokenizer, accelerator)
     train_rows, train_labels = train_ds["input_ids"], train_ds["labels"]
     eval_rows, eval_labels = eval_ds["input_ids"], eval_ds["labels"]
 
@@ -123,9 +120,7 @@ def main(cfg: DictConfig) -> dict:
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     if checkpoint is not None:
         state = read_state(checkpoint)
-        restored = MedusaHeads.from_pretrained(checkpoint / "heads", device=accelerator.device)
-        accelerator.unwrap_model(heads_model).load_state_dict(restored.state_dict())
-        accelerator.unwrap_model(heads_model).vocab_map = restored.vocab_map
+        restore_heads(accelerator.unwrap_model(heads_model), checkpoint / "heads")
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         step, skipped, history, losses = state["step"], state["skipped_batches"], state["history"], state["losses"]
@@ -160,9 +155,7 @@ def main(cfg: DictConfig) -> dict:
         if cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps:
             break
         t0 = time.time()
-        rows = global_batch(len(train_rows), global_size, cfg.seed, step)
-        micro_rows = [shard(rows[i * micro * world:(i + 1) * micro * world], accelerator.process_index, world)
-                      for i in range(accum)]
+        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, step, accelerator.process_index, world)
         micro_labels = [pad_labels([train_labels[i] for i in r]) for r in micro_rows]
         # Normalise by the global batch's target count per head so that any split over
         # micro-batches and processes gives the same gradient as one big batch.
@@ -186,18 +179,10 @@ def main(cfg: DictConfig) -> dict:
         hits = accelerator.reduce(hits, reduction="sum")
         grad_norm = accelerator.clip_grad_norm_(heads_model.parameters(), cfg.train.max_grad_norm)
         total_loss = float((ce_sums / counts.clamp(min=1) * ce_sums.new_tensor(weights)).sum())
-        if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.train.on_nan == "stop":
-                raise NonFiniteLossError(
-                    f"loss is {total_loss} (grad norm {float(grad_norm)}) at step {step + 1}: stopping. "
-                    f"The last good checkpoint is {latest_checkpoint(output_dir)}; set train.on_nan=skip to skip "
-                    "such batches, or lower train.lr"
-                )
-            skipped += 1
-            log.warning("non-finite loss at step %d: batch skipped (%d so far)", step + 1, skipped)
-        else:
+        if take_step(total_loss, float(grad_norm), step, cfg.train.on_nan, output_dir, skipped):
             optimizer.step()
+        else:
+            skipped += 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -226,7 +211,8 @@ def main(cfg: DictConfig) -> dict:
 
     if step < cfg.train.max_steps:  # stopped early on purpose (stop_after_steps)
         save(step)
-        accelerator.end_training()
+        if end_training:
+            accelerator.end_training()
         return {"stopped_at": step}
 
     # ---- final evaluation, save, summary ------------------------------------------------
@@ -256,5 +242,6 @@ def main(cfg: DictConfig) -> dict:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
     return summary

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from medusa_train.training.checkpoint import list_checkpoints
 
-RUN_ARTEFACTS = ("heads", "train_summary.json")
+RUN_ARTEFACTS = ("heads", "backbone", "train_summary.json")
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, accelerator) -> None:
