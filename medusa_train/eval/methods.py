@@ -1,0 +1,179 @@
+"""Decoding methods the benchmark can time, by name: a registry to add new ones to.
+
+A method is built once from a `MethodContext` and then called with one prompt (1, P); it
+returns a `Generation`: the new tokens (EOS included when reached), wall seconds, and the
+number of base-model forwards that produced them (the prefill included), so
+tau = tokens / forwards is comparable between methods.
+
+    hf_generate   transformers `generate(do_sample=False)`: the baseline every speedup is against
+    runtime_ar    our runtime with the 1-node tree: plain decoding through the Medusa code path
+                  (its gap to hf_generate is implementation, not algorithm)
+    medusa        our runtime with the Medusa tree
+    hf_assisted   transformers assisted generation with a draft model (`draft=PATH`)
+
+A method may take one argument after a colon: `medusa:chain4` is Medusa with the tree
+runtime.TREES["chain4"] instead of the benchmarked tree, so several trees can be timed in
+one interleaved run (`methods=[hf_generate,medusa,medusa:chain4,medusa:mc_sim_7b_63]`).
+
+To add one (e.g. a draft model through our own runtime):
+
+    @register_method("my_method")
+    def my_method(ctx: MethodContext, arg: str | None) -> Method:
+        def run(input_ids): ...; return Generation(tokens, seconds, forwards)
+        return run
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BASELINE = "hf_generate"
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    seconds: float
+    forwards: int  # base-model forwards, prefill included
+    stats: dict = field(default_factory=dict)  # method-specific: runtime time breakdown, acceptances
+
+
+@dataclass
+class MethodContext:
+    model: Any  # MedusaModel
+    tokenizer: Any
+    max_new_tokens: int
+    tree: Any = None  # choices list, name in runtime.TREES, or None (the heads' config tree)
+    draft: Any = None  # a loaded draft causal LM, for methods that need one
+
+
+Method = Callable[[torch.Tensor], Generation]
+METHODS: dict[str, Callable[[MethodContext, str | None], Method]] = {}
+LABELS: dict[str, str] = {}
+
+
+def register_method(name: str, label: str | None = None):
+    def add(factory: Callable[[MethodContext, str | None], Method]):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = factory
+        LABELS[name] = label or name
+        return factory
+
+    return add
+
+
+def build_method(spec: str, ctx: MethodContext) -> Method:
+    """`name` or `name:arg` -> the method, built once."""
+    name, _, arg = spec.partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: one of {', '.join(METHODS)}")
+    return METHODS[name](ctx, arg or None)
+
+
+def label(spec: str) -> str:
+    name, _, arg = spec.partition(":")
+    return LABELS.get(name, name) + (f" [{arg}]" if arg else "")
+
+
+def _no_arg(name: str, arg: str | None) -> None:
+    if arg is not None:
+        raise ValueError(f"method {name} takes no argument, got {name}:{arg}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def count_forwards(module: torch.nn.Module):
+    """Count calls of module.forward inside the block: `with count_forwards(m) as n: ...; n[0]`."""
+    count = [0]
+    handle = module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+def _eos(model) -> set[int]:
+    eos = getattr(model.base.generation_config, "eos_token_id", None)
+    return set([eos] if isinstance(eos, int) else (eos or []))
+
+
+def _hf_method(ctx: MethodContext, **generate_kwargs) -> Method:
+    base, eos = ctx.model.base, _eos(ctx.model)
+    pad = ctx.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def run(input_ids: torch.Tensor) -> Generation:
+        P = input_ids.shape[1]
+        with count_forwards(base) as forwards:
+            _sync(input_ids.device)
+            start = time.perf_counter()
+            out = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                max_new_tokens=ctx.max_new_tokens, pad_token_id=pad, **generate_kwargs)
+            _sync(input_ids.device)
+            seconds = time.perf_counter() - start
+        new = out[0, P:].tolist()
+        end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        return Generation(new[:end], seconds, forwards[0])
+
+    return run
+
+
+@register_method(BASELINE, "HF generate")
+def hf_generate(ctx: MethodContext, arg: str | None) -> Method:
+    _no_arg(BASELINE, arg)
+    return _hf_method(ctx)
+
+
+@register_method("hf_assisted", "HF assisted (draft)")
+def hf_assisted(ctx: MethodContext, arg: str | None) -> Method:
+    _no_arg("hf_assisted", arg)
+    if ctx.draft is None:
+        raise ValueError("method hf_assisted needs a draft model: draft=PATH")
+    return _hf_method(ctx, assistant_model=ctx.draft)
+
+
+def _runtime_method(ctx: MethodContext, tree) -> Method:
+    from medusa_train.runtime import medusa_generate
+
+    @torch.no_grad()
+    def run(input_ids: torch.Tensor) -> Generation:
+        _sync(input_ids.device)
+        start = time.perf_counter()
+        out = medusa_generate(ctx.model, input_ids, tree=tree, max_new_tokens=ctx.max_new_tokens)
+        _sync(input_ids.device)
+        seconds = time.perf_counter() - start
+        s = out.stats
+        stats = {"steps": s.steps, "time": s.time, "accepted_at_depth": s.accepted_at_depth,
+                 "accept_lengths": s.accept_lengths[0]}
+        return Generation(out.new_tokens[0], seconds, sum(s.forwards), stats)
+
+    return run
+
+
+@register_method("runtime_ar", "runtime, 1-node tree")
+def runtime_ar(ctx: MethodContext, arg: str | None) -> Method:
+    _no_arg("runtime_ar", arg)
+    return _runtime_method(ctx, "autoregressive")
+
+
+@register_method("medusa", "Medusa (tree)")
+def medusa(ctx: MethodContext, arg: str | None) -> Method:
+    """arg: a tree name in runtime.TREES (default: the benchmarked tree)."""
+    from medusa_train.runtime import resolve_tree
+
+    tree = arg if arg is not None else ctx.tree
+    depth = resolve_tree(tree, ctx.model.heads.config.tree).depth  # fail now, not after the baseline ran
+    if depth > ctx.model.heads.num_heads:
+        raise ValueError(f"tree {tree} is {depth} deep but the heads are {ctx.model.heads.num_heads}")
+    return _runtime_method(ctx, tree)
