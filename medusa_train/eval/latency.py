@@ -34,7 +34,9 @@ class LatencyProfile:
     forward_ms: list[float]  # [n - 1]: decoder forward of n tree tokens
     lm_head_ms: list[float]  # [m - 1]: base lm_head on m rows
     next_ms: float  # base logits + heads' proposals for one node
-    overhead_ms: float = 0.0  # runtime bookkeeping per step (calibrate_overhead)
+    # Runtime bookkeeping per step (calibrate_overhead): overhead_ms + overhead_ms_per_node * (n - 1).
+    overhead_ms: float = 0.0
+    overhead_ms_per_node: float = 0.0
     device: str = ""
     threads: int = 0
     calibration: list[dict] = field(default_factory=list)
@@ -48,10 +50,11 @@ class LatencyProfile:
         if not 1 <= num_nodes <= self.max_nodes:
             raise ValueError(f"profiled 1..{self.max_nodes} nodes, asked for {num_nodes}")
         forward, lm_head = isotonic(self.forward_ms), isotonic(self.lm_head_ms)
+        overhead = self.overhead_ms + self.overhead_ms_per_node * (num_nodes - 1)
         if num_nodes == 1:
-            return forward[0] + lm_head[0] + self.overhead_ms
+            return forward[0] + lm_head[0] + overhead
         head_ms = lm_head[num_internal - 1] if num_internal else 0.0
-        return forward[num_nodes - 1] + head_ms + self.next_ms + self.overhead_ms
+        return forward[num_nodes - 1] + head_ms + self.next_ms + overhead
 
     def tree_step_ms(self, choices) -> float:
         tree = build_tree(tuple(tuple(c) for c in choices))
@@ -138,9 +141,10 @@ def profile_latency(model, context_len: int = 256, max_nodes: int = 64, repeats:
 @torch.no_grad()
 def calibrate_overhead(model, profile: LatencyProfile, prompt: torch.Tensor, trees: list, max_new_tokens: int = 48,
                        repeats: int = 2) -> LatencyProfile:
-    """Time whole runtime steps (DecodeStats.time, prefill excluded) for a few trees on `prompt`
-    and set profile.overhead_ms to the median of (measured step - predicted parts)."""
-    gaps, rows = [], []
+    """Time whole runtime steps (DecodeStats.time, prefill excluded) for a few trees on `prompt`;
+    fit (measured step - predicted parts) = overhead_ms + overhead_ms_per_node * (n - 1), both >= 0."""
+    gaps, sizes, rows = [], [], []
+    profile.overhead_ms = profile.overhead_ms_per_node = 0.0
     for rep in range(repeats):
         for choices in trees if rep % 2 == 0 else trees[::-1]:
             tree = resolve_tree(choices)
@@ -149,10 +153,27 @@ def calibrate_overhead(model, profile: LatencyProfile, prompt: torch.Tensor, tre
             if s.steps == 0:
                 continue
             measured = (s.time["total"] - s.time["prefill"]) * 1000 / s.steps
-            predicted = profile.step_ms(tree.num_nodes, len(tree.internal) if tree.num_nodes > 1 else 0) - profile.overhead_ms
+            predicted = profile.step_ms(tree.num_nodes, len(tree.internal) if tree.num_nodes > 1 else 0)
             gaps.append(measured - predicted)
+            sizes.append(tree.num_nodes - 1)
             rows.append({"num_nodes": tree.num_nodes, "steps": s.steps, "measured_step_ms": round(measured, 3),
                          "predicted_parts_ms": round(predicted, 3)})
-    profile.overhead_ms = max(statistics.median(gaps), 0.0) if gaps else 0.0
+    profile.overhead_ms, profile.overhead_ms_per_node = fit_overhead(sizes, gaps)
     profile.calibration = rows
     return profile
+
+
+def fit_overhead(extra_nodes: list[int], gaps: list[float]) -> tuple[float, float]:
+    """Least-squares line gap = a + b * extra_nodes with a, b >= 0 (one size: the median gap, b = 0)."""
+    if not gaps:
+        return 0.0, 0.0
+    mx, mg = statistics.fmean(extra_nodes), statistics.fmean(gaps)
+    var = sum((x - mx) ** 2 for x in extra_nodes)
+    slope = max(sum((x - mx) * (g - mg) for x, g in zip(extra_nodes, gaps)) / var, 0.0) if var else 0.0
+    if slope == 0.0:
+        return max(statistics.median(gaps), 0.0), 0.0
+    intercept = mg - slope * mx
+    if intercept < 0:  # through the origin instead
+        slope = max(sum(x * g for x, g in zip(extra_nodes, gaps)) / max(sum(x * x for x in extra_nodes), 1e-9), 0.0)
+        intercept = 0.0
+    return intercept, slope

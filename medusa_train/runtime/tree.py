@@ -33,8 +33,9 @@ TREES = {
     "autoregressive": [],
     # Each head's top-1 only: the classic draft chain.
     "chain4": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]],
-    # The 10 most valuable nodes of mc_sim_7b_63: on a CPU the forward grows with the node
-    # count (SmolLM2-135M: 1 node ~58 ms, 11 nodes ~90 ms, 64 nodes ~200 ms), so keep it small.
+    # The 10 most valuable nodes of mc_sim_7b_63, for CPUs. SmolLM2-135M fp32, 1 thread: a
+    # 1-node forward ~70 ms (matrix-vector products); 2-16 nodes ~1.7-2.1x that (MKL's
+    # matrix-matrix path reads the weights about twice as slowly), 64 nodes ~3.5x.
     "cpu_small": MC_SIM_7B_63[:10],
     "mc_sim_7b_63": MC_SIM_7B_63,
 }

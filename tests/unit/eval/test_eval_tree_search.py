@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medusa_train.eval.accuracy import MISS, NO_TARGET, HeadRanks, chain_targets, product_probability, rank_table
-from medusa_train.eval.latency import LatencyProfile, isotonic
+from medusa_train.eval.latency import LatencyProfile, fit_overhead, isotonic
 from medusa_train.eval.tree_search import (choose_budget, expected_accept_length, greedy_nodes, num_internal,
                                            search_tree)
 from medusa_train.runtime import build_tree
@@ -117,3 +117,14 @@ def test_latency_fit_is_non_decreasing():
     assert isotonic([5.0, 1.0, 1.0, 9.0]) == [7 / 3, 7 / 3, 7 / 3, 9.0]
     profile = LatencyProfile(context_len=8, forward_ms=[10.0, 14.0, 12.0], lm_head_ms=[1.0, 1.0, 1.0], next_ms=2.0)
     assert profile.step_ms(2, 1) == profile.step_ms(3, 1) == 13.0 + 1.0 + 2.0  # the dip at 3 is noise
+
+
+def test_overhead_fit():
+    assert fit_overhead([0, 3, 15, 63], [2.0 + 0.5 * x for x in (0, 3, 15, 63)]) == pytest.approx((2.0, 0.5))
+    assert fit_overhead([0, 0], [3.0, 5.0]) == (4.0, 0.0)  # one size: the median, no slope
+    assert fit_overhead([0, 10], [5.0, 1.0]) == (3.0, 0.0)  # bigger trees cheaper: noise, no negative slope
+    a, b = fit_overhead([0, 10], [-4.0, 6.0])  # negative intercept: a line through the origin
+    assert a == 0.0 and b == pytest.approx(0.6)
+    profile = LatencyProfile(context_len=8, forward_ms=[10.0] * 4, lm_head_ms=[1.0] * 4, next_ms=2.0,
+                             overhead_ms=1.0, overhead_ms_per_node=0.5)
+    assert profile.step_ms(1, 0) == 12.0 and profile.step_ms(4, 1) == 10.0 + 1.0 + 2.0 + 1.0 + 1.5

@@ -232,6 +232,19 @@ def test_greedy_batch_left_padding_equals_rows_alone():
         assert alone.new_tokens[0] == expected[b]
 
 
+def test_eager_attention():
+    """Eager attention adds a 4-D mask to the scores: the runtime's additive float mask must do there too."""
+    config = tf.LlamaConfig(vocab_size=256, **TINY)
+    config._attn_implementation = "eager"
+    model = medusa(config=config, seed=11)
+    assert model.config._attn_implementation == "eager"
+    ids, mask = prompts([5, 9], seed=13)
+    reference = with_oracle(model, ids, mask, 24, eos_token_id=[])
+    out = medusa_generate(model, ids, mask, tree="mc_sim_7b_63", max_new_tokens=24, eos_token_id=[])
+    assert out.new_tokens == new_tokens(reference, ids.shape[1], [])
+    assert out.stats.mean_accept_length > 0.5
+
+
 def test_sliding_window_model():
     config = tf.MistralConfig(vocab_size=256, sliding_window=8, **TINY)
     model = medusa(config=config, seed=4)
