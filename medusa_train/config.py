@@ -8,7 +8,7 @@ composition, before any model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -20,7 +20,7 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     trust_remote_code: bool = False
-    revision: Optional[str] = None
+    revision: str | None = None
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DataConfig:
     format: str = "auto"  # auto | sharegpt | messages | instruction | qa | completion | prompt
     split: str = "train"
     max_length: int = 512
-    max_rows: Optional[int] = None
+    max_rows: int | None = None
     eval_fraction: float = 0.05
     eval_max_rows: int = 100
     seed: int = 0
@@ -42,7 +42,7 @@ class HeadsConfig:
     num_layers: int = 1
     lm_head: str = "shared"  # shared | own
     # Project heads onto the N most frequent training tokens only (None: full vocabulary).
-    truncated_vocab_size: Optional[int] = None
+    truncated_vocab_size: int | None = None
 
 
 @dataclass
@@ -69,14 +69,14 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | skip
     # Stop (with a checkpoint) after this many optimizer steps of *this* invocation;
     # used by tests to simulate a kill. None: run to max_steps.
-    stop_after_steps: Optional[int] = None
+    stop_after_steps: int | None = None
 
 
 @dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
     project: str = "medusa_train"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     mode: str = "auto"  # auto: online with WANDB_API_KEY (or a wandb login), else offline
 
 
@@ -90,7 +90,7 @@ class SelfDistillConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     chunk_size: int = 64  # conversations answered between two fsynced appends (raised to batch_size if smaller)
-    max_turns: Optional[int] = None  # answer at most this many user turns per conversation
+    max_turns: int | None = None  # answer at most this many user turns per conversation
 
 
 @dataclass
@@ -103,8 +103,8 @@ class Medusa2Config:
 
     stages: list[int] = field(default_factory=lambda: [1, 2])
     # Heads to start stage 2 from when stage 1 is not run; default <output_dir>/stage1/heads.
-    stage1_heads: Optional[str] = None
-    stage1_max_steps: Optional[int] = None  # None: train.max_steps
+    stage1_heads: str | None = None
+    stage1_max_steps: int | None = None  # None: train.max_steps
     stage1_heads_coefficient: float = 0.2  # stage 1's train.heads_coefficient
     heads_coefficient: float = 0.1  # stage 2: lambda(t) = heads_coefficient * schedule(t)
     schedule: str = "constant"  # constant | linear | sine | sine_<r> (sine over the first fraction r, then 1)
@@ -128,6 +128,33 @@ class Medusa2Config:
 
 
 @dataclass
+class DraftConfig:
+    """A draft model for speculative decoding (recipe draft): built from the target
+    (model.name_or_path), then distilled from it. Saved as a plain HF folder."""
+
+    init: str = "layers"  # layers | config | model (see medusa_train/draft/build.py)
+    # init=layers: the target layers the draft keeps (with the target's embeddings, final norm
+    # and lm_head). SmolLM2-135M has 30: first, last and two evenly between, 4/30 of its layers.
+    layers: list[int] = field(default_factory=lambda: [0, 10, 20, 29])
+    # init=config: the target's config with these changes, e.g. {num_hidden_layers: 4}.
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # init=model: an HF id or folder sharing the target's tokenizer
+    loss: str = "fkl"  # fkl | rkl | tvd | ce (on the target's greedy token)
+    temperature: float = 1.0  # applied to draft and target logits alike
+    target_logits: str = "online"  # online: a target forward per batch | cache: top-k on disk, reused
+    cache_top_k: int = 64  # the held-out split is always cached at this k (for eval)
+    cache_dtype: str = "float16"  # of the cached log-probs: float16 | float32
+    cache_dir: str = "${output_dir}/target_cache"  # point several runs at one folder to share it
+    # Train and save a projection onto the N most frequent training tokens (draft_vocab.safetensors
+    # beside the HF files, for our runtime); None: the full vocabulary.
+    truncated_vocab_size: int | None = None
+    # false: the embeddings and lm_head stay the target's (tied in SmolLM2: 28M of the draft's
+    # 43M parameters); freshly initialised ones (init=config with another hidden size) always train.
+    train_embeddings: bool = False
+    measure_latency: bool = True  # time one decode step of target and draft(s) for the summary
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING  # medusa1 | ... : module medusa_train.recipes.<name>
 
@@ -142,12 +169,13 @@ class Config:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     self_distill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
     medusa2: Medusa2Config = field(default_factory=Medusa2Config)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     output_dir: str = MISSING
     resume: bool = False
     overwrite: bool = False
     seed: int = 42
     # Free-form room for launch metadata a recipe header wants to record.
-    notes: Optional[Any] = None
+    notes: Any | None = None
 
 
 def register_configs() -> None:

@@ -36,3 +36,14 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     model.save_pretrained(path)
     smol_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads that
+    wait on each other make small matmuls many times slower. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

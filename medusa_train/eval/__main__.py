@@ -36,9 +36,15 @@ register_eval_configs()
 def run_eval(cfg: DictConfig) -> dict:
     """Search a tree (tree=auto) and/or benchmark, as `cfg` says; returns what was written."""
     from medusa_train.base_model import load_base_model, load_tokenizer
+    from medusa_train.config import ModelConfig
+    from medusa_train.draft.vocab import load_vocab_map
     from medusa_train.eval.bench import by_category, chat_prompt, run_bench
-    from medusa_train.eval.methods import BASELINE, MethodContext, build_method
-    from medusa_train.eval.questions import load_questions, resolve_bench, select_questions
+    from medusa_train.eval.methods import MethodContext, build_method
+    from medusa_train.eval.questions import (
+        load_questions,
+        resolve_bench,
+        select_questions,
+    )
     from medusa_train.eval.report import markdown_table, summary_lines, write_results
     from medusa_train.model import MedusaModel, resolve_heads_path
     from medusa_train.runtime import resolve_tree
@@ -51,18 +57,30 @@ def run_eval(cfg: DictConfig) -> dict:
     tree_arg = OmegaConf.to_container(cfg.tree) if OmegaConf.is_config(cfg.tree) else cfg.tree
     if cfg.skip_bench and tree_arg != "auto":
         raise ValueError("skip_bench=true only makes sense with tree=auto (search and save the tree only)")
-    heads_path = resolve_heads_path(cfg.heads_dir)
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else heads_path.resolve().parent / "eval"
+    if cfg.heads_dir is None and cfg.draft is None:
+        raise ValueError("nothing to evaluate: pass heads=PATH (Medusa heads) and/or draft=PATH (a draft model)")
+    if cfg.heads_dir is None and tree_arg is not None:
+        raise ValueError(f"tree={tree_arg} is a tree for Medusa heads: pass heads=PATH")
+    heads_path = resolve_heads_path(cfg.heads_dir) if cfg.heads_dir else None
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(heads_path, cfg.draft)
     questions = None
     if not cfg.skip_bench:  # read the questions first: a bad file fails before any model loads
         bench_file = resolve_bench(cfg.bench)
         questions = select_questions(load_questions(bench_file), cfg.num_questions)
 
     # ---- model and tokenizer ------------------------------------------------------------
-    model = MedusaModel.from_pretrained(cfg.base_model, heads_path, dtype=cfg.dtype, device=device)
-    base_name = cfg.base_model or model.heads.config.base_model
+    if heads_path is not None:
+        model = MedusaModel.from_pretrained(cfg.base_model, heads_path, dtype=cfg.dtype, device=device)
+        base, base_name = model.base, cfg.base_model or model.heads.config.base_model
+    else:
+        model, base_name = None, cfg.base_model or ModelConfig().name_or_path
+        base = load_base_model(base_name, dtype=cfg.dtype, device=device)
     tokenizer = load_tokenizer(base_name)
     written: dict = {"output_dir": output_dir}
+    quality = None
+    if model is not None and cfg.quality.enabled and tuned_backbone(heads_path, model):
+        quality = measure_quality(model, tokenizer, heads_path, base_name, cfg, device)
+        written["quality"] = quality
 
     # ---- tree ---------------------------------------------------------------------------
     search = None
@@ -72,16 +90,23 @@ def run_eval(cfg: DictConfig) -> dict:
         written["search"] = search
         if cfg.skip_bench:
             return written
-    tree = resolve_tree(tree_arg, model.heads.config.tree)
-    tree_source = ("searched" if search else "given" if tree_arg is not None else
-                   "heads config" if model.heads.config.tree is not None else "runtime default")
-    choices = [list(c) for c in tree.choices]
-    expected = expected_acceptance(output_dir / "head_ranks.pt", heads_path, choices, cfg.search.estimator)
+    tree_info, choices = None, None
+    if model is not None:
+        tree = resolve_tree(tree_arg, model.heads.config.tree)
+        choices = [list(c) for c in tree.choices]
+        tree_info = {"source": ("searched" if search else "given" if tree_arg is not None else
+                                "heads config" if model.heads.config.tree is not None else "runtime default"),
+                     "num_nodes": tree.num_nodes, "choices": choices,
+                     **expected_acceptance(output_dir / "head_ranks.pt", heads_path, choices, cfg.search.estimator)}
 
     # ---- methods ------------------------------------------------------------------------
-    draft = load_base_model(cfg.draft, dtype=cfg.dtype, device=device) if cfg.draft else None
-    names = list(dict.fromkeys([BASELINE, *cfg.methods] + (["hf_assisted"] if draft is not None else [])))
-    ctx = MethodContext(model, tokenizer, cfg.max_new_tokens, tree=choices, draft=draft)
+    draft = draft_vocab_map = None
+    if cfg.draft:
+        draft = load_base_model(cfg.draft, dtype=cfg.dtype, device=device)
+        draft_vocab_map = load_vocab_map(cfg.draft) if Path(cfg.draft).is_dir() else None
+    names = method_names(list(cfg.methods), with_heads=model is not None, with_draft=draft is not None)
+    ctx = MethodContext(base, tokenizer, cfg.max_new_tokens, model=model, tree=choices, draft=draft,
+                        draft_vocab_map=draft_vocab_map)
     methods = {name: build_method(name, ctx) for name in names}
 
     # ---- benchmark ----------------------------------------------------------------------
@@ -97,15 +122,18 @@ def run_eval(cfg: DictConfig) -> dict:
     categories = by_category(records)
 
     # ---- report -------------------------------------------------------------------------
-    title = (f"{base_name} + Medusa heads ({heads_path}): {cfg.bench}, {len(records)} prompts, "
+    with_what = " + ".join([f"Medusa heads ({heads_path})"] * (model is not None) + [f"draft ({cfg.draft})"] * bool(cfg.draft))
+    title = (f"{base_name} + {with_what}: {cfg.bench}, {len(records)} prompts, "
              f"{cfg.max_new_tokens} new tokens, greedy, {env['device']}")
     result = {
         "title": title,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": env,
-        "heads": str(heads_path),
+        "heads": str(heads_path) if heads_path else None,
+        "draft": cfg.draft,
         "base_model": base_name,
-        "tree": {"source": tree_source, "num_nodes": tree.num_nodes, "choices": choices, **expected},
+        "tree": tree_info,
+        "quality": quality,
         "search": search["search"] if search else None,
         "categories": categories,
         "records": records,
@@ -115,6 +143,54 @@ def run_eval(cfg: DictConfig) -> dict:
     notes = "\n".join(summary_lines(result))
     print(f"\n{title}\n\n{markdown_table(categories)}\n\n{notes}\n\nwritten to {output_dir}/")
     return written
+
+
+def tuned_backbone(heads_path: Path, model) -> bool:
+    """Whether the heads were trained with their own backbone (a Medusa-2 run)."""
+    from medusa_train.training.lora import backbone_dir_for
+
+    return backbone_dir_for(heads_path, model.heads.config) is not None
+
+
+def measure_quality(model, tokenizer, heads_path: Path, base_name: str, cfg: DictConfig, device) -> dict:
+    """Greedy agreement and perplexity of the tuned backbone against the original model."""
+    from medusa_train.base_model import load_base_model
+    from medusa_train.eval.quality import backbone_quality
+
+    original = load_base_model(base_name, dtype=cfg.dtype, device=device)
+    q = cfg.quality
+    quality = backbone_quality(original, model.base, tokenizer, heads_path, q.num_prompts, q.max_new_tokens,
+                               q.batch_size, cfg.progress)
+    del original
+    log.info("tuned backbone vs original (%d held-out prompts): greedy agreement %.4f (teacher-forced), "
+             "identical answers %.3f, perplexity %.3f -> %.3f", quality["prompts"], quality["teacher_forced_agreement"],
+             quality["identical_answers"], quality["perplexity_original"], quality["perplexity_tuned"])
+    return quality
+
+
+DRAFT_METHODS = ("hf_assisted", "hf_prompt_lookup", "draft")
+
+
+def method_names(requested: list[str], with_heads: bool, with_draft: bool) -> list[str]:
+    """The baseline first, then the requested methods. Without heads the default list (which
+    times Medusa) becomes the baseline alone; a draft adds the draft methods unless some were asked for."""
+    from medusa_train.eval.config import EvalConfig
+    from medusa_train.eval.methods import BASELINE
+
+    if not with_heads and requested == EvalConfig().methods:
+        requested = [BASELINE]
+    if with_draft and not any(n.partition(":")[0] in DRAFT_METHODS for n in requested):
+        requested = requested + list(DRAFT_METHODS)
+    return list(dict.fromkeys([BASELINE, *requested]))
+
+
+def default_output_dir(heads_path: Path | None, draft: str | None) -> Path:
+    """A run's eval/ folder: next to the heads, else next to a local draft, else runs/eval."""
+    if heads_path is not None:
+        return heads_path.resolve().parent / "eval"
+    if draft and Path(draft).is_dir():
+        return Path(draft).resolve().parent / "eval"
+    return Path("runs/eval")
 
 
 def search_tree_for(model, tokenizer, heads_path: Path, cfg: DictConfig, output_dir: Path) -> dict:

@@ -244,10 +244,10 @@ def first_prompt(ids: list[int], labels: list[int]) -> list[int] | None:
 
 
 @torch.no_grad()
-def self_answers(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, batch_size: int = 8,
+def self_answers(base, prompts: list[list[int]], max_new_tokens: int, pad_id: int, batch_size: int = 8,
                  progress: bool = True) -> tuple[list[list[int]], list[list[int]]]:
-    """The base model's greedy answers -> (prompt + answer rows, labels on the answer only, EOS included)."""
-    base = model.base
+    """An HF causal LM's greedy answers -> (prompt + answer rows, labels on the answer only, EOS
+    included), in order of prompt length."""
     device = next(base.parameters()).device
     eos = base.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
@@ -273,25 +273,29 @@ def self_answers(model, prompts: list[list[int]], max_new_tokens: int, pad_id: i
 
 def head_accuracy(model, tokenizer, heads_path: str | Path, source: str = "self", num_prompts: int = 64,
                   max_new_tokens: int = 128, topk: int = 10, batch_size: int = 8, progress: bool = True,
-                  cache: bool = True) -> HeadRanks:
-    """Rank table on the medusa1 held-out split, from the model's own answers (self) or the references (data).
+                  cache: bool = True, prompts: list[list[int]] | None = None) -> HeadRanks:
+    """Rank table on the medusa1 held-out split, from the model's own answers (self) or the references (data);
+    or on the model's own answers to `prompts` (token ids, e.g. benchmark questions) when given.
 
     The self answers depend on the base model only, so they are kept in the medusa_train cache
     (`answers_cache_file`) and reused when the heads change.
     """
     if source not in ("self", "data"):
         raise ValueError(f"accuracy.source must be self or data, got {source!r}")
-    ids, labels = held_out_rows(tokenizer, run_data_config(heads_path), num_prompts)
-    if source == "data":
-        return measure_ranks(model, ids, labels, topk, batch_size, "data", progress)
-    prompts = [p for p in (first_prompt(i, lab) for i, lab in zip(ids, labels)) if p]
+    if prompts is None:
+        ids, labels = held_out_rows(tokenizer, run_data_config(heads_path), num_prompts)
+        if source == "data":
+            return measure_ranks(model, ids, labels, topk, batch_size, "data", progress)
+        prompts = [p for p in (first_prompt(i, lab) for i, lab in zip(ids, labels)) if p]
+    elif source == "data":
+        raise ValueError("given prompts have no reference answers: use source=self")
     cache_file = answers_cache_file(model, prompts, max_new_tokens)
     if cache and cache_file.is_file():
         log.info("self answers from %s", cache_file)
         saved = json.loads(cache_file.read_text())
         rows, answer_labels = saved["rows"], saved["labels"]
     else:
-        rows, answer_labels = self_answers(model, prompts, max_new_tokens, tokenizer.pad_token_id, batch_size, progress)
+        rows, answer_labels = self_answers(model.base, prompts, max_new_tokens, tokenizer.pad_token_id, batch_size, progress)
         if cache:
             from medusa_train.training.checkpoint import atomic_write
 

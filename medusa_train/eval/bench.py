@@ -122,6 +122,10 @@ def aggregate(records: list[dict]) -> dict[str, dict]:
             parts["total"] = parts.get("total", 0.0) - prefill  # decode steps only
             out[name]["ms_per_step"] = {k: round(1000 * v / max(steps, 1), 3) for k, v in parts.items()}
             out[name]["prefill_ms_per_prompt"] = round(1000 * prefill / len(stats), 3)
+            if all("gammas" in s for s in stats):  # draft methods: drafts kept over drafts proposed
+                proposed = sum(sum(s["gammas"]) for s in stats)
+                out[name]["acceptance_rate"] = round(sum(sum(s["accept_lengths"]) for s in stats) / max(proposed, 1), 4)
+                out[name]["mean_gamma"] = round(proposed / max(steps, 1), 3)
             depth = [s["accepted_at_depth"] for s in stats]
             if depth and depth[0]:
                 out[name]["accept_rate_at_depth"] = [round(sum(d[k] for d in depth) / max(steps, 1), 4)

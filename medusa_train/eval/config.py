@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 
 @dataclass
@@ -43,12 +42,25 @@ class SearchConfig:
 
 
 @dataclass
+class QualityConfig:
+    """For heads trained with a tuned backbone (Medusa-2): how much the model's output changed
+    against the original (medusa_train/eval/quality.py). Loads the original model too."""
+
+    enabled: bool = True  # measured only when the heads come with a tuned backbone
+    num_prompts: int = 32  # held-out prompts of the run's data split
+    max_new_tokens: int = 128
+    batch_size: int = 8
+
+
+@dataclass
 class EvalConfig:
     # Heads folder (runs/<name>/heads) or Hub repo id. On the command line `heads=PATH` works too:
     # `heads` is also the training config group conf/heads/, which Hydra would take it for,
     # so the eval entry point passes `heads=` on as `heads_dir=`.
-    heads_dir: str = MISSING
-    base_model: Optional[str] = None  # None: the base model named in the heads' config
+    # None: no heads, only the draft-model methods (needs draft=).
+    heads_dir: Optional[str] = None
+    # None: the base model named in the heads' config (without heads: the embedded default model).
+    base_model: Optional[str] = None
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
@@ -61,7 +73,9 @@ class EvalConfig:
     # and bench it; a name in medusa_train.runtime.TREES; or a choices list [[0],[0,0],[1]].
     tree: Optional[Any] = None
     methods: list[str] = field(default_factory=lambda: ["hf_generate", "runtime_ar", "medusa"])
-    draft: Optional[str] = None  # a draft model (name or path): adds HF assisted generation (hf_assisted)
+    # A draft model (name or folder, e.g. runs/draft/draft): adds HF assisted generation
+    # (hf_assisted), HF prompt lookup (hf_prompt_lookup) and our draft decoding (draft).
+    draft: Optional[str] = None
     skip_bench: bool = False  # with tree=auto: search and save the tree only
     warmup: bool = True  # one short untimed run per method first
     output_dir: Optional[str] = None  # None: <heads folder>/../eval (a run's eval/ folder)
@@ -69,6 +83,7 @@ class EvalConfig:
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 def register_eval_configs() -> None:

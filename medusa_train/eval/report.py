@@ -43,7 +43,15 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"Expected tokens/step from head accuracy: {tree['expected_accept_length']:.2f} "
                          f"(per depth {tree['expected_accept_rate_at_depth']}); measured tau {overall['medusa']['tau']:.2f} "
                          f"(per depth {overall['medusa'].get('accept_rate_at_depth')})")
+    q = result.get("quality")
+    if q:
+        lines.append(f"Tuned backbone vs the original ({q['prompts']} held-out prompts): greedy token agreement "
+                     f"{q['teacher_forced_agreement']:.4f} (teacher-forced), identical answers {q['identical_answers']:.3f}, "
+                     f"common prefix {q['common_prefix_fraction']:.3f}; perplexity on held-out references "
+                     f"{q['perplexity_original']:.3f} -> {q['perplexity_tuned']:.3f}")
     for name, m in overall.items():
+        if "acceptance_rate" in m:
+            lines.append(f"`{name}`: draft acceptance rate {m['acceptance_rate']:.3f}, mean gamma {m['mean_gamma']:.2f}")
         if "ms_per_step" in m:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in m["ms_per_step"].items())
             lines.append(f"`{name}` ms per decode step: {parts}; {m['steps']} steps; prefill "

@@ -2,6 +2,13 @@
 
     python -m medusa_train +recipe=medusa1
     accelerate launch --config_file recipes/accelerate_configs/cpu_ddp.yaml -m medusa_train +recipe=medusa1
+    accelerate launch --config_file recipes/accelerate_configs/zero3.yaml -m medusa_train \
+        --config-dir recipes/llama-3-70b +recipe=medusa1
+
+Under DeepSpeed (recipes/accelerate_configs/zero*.yaml) the engine takes the step inside
+backward and shards the optimizer state; under ZeRO-3 the frozen backbone and the heads are
+one engine module, partitioned over the processes and gathered layer by layer as they run
+(see medusa_train/training/distributed.py).
 
 Reads top to bottom: set-up, data, model, hidden-state cache, optimiser, resume, the
 train loop (forward / backward / step / log / save), final evaluation and summary.
@@ -18,6 +25,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -26,7 +34,33 @@ from medusa_train.data import collate
 from medusa_train.loss import IGNORE_INDEX, head_weights, medusa_loss, topk_correct
 from medusa_train.model import build_heads
 from medusa_train.training.batching import global_batch
-from medusa_train.training.checkpoint import latest_checkpoint, read_state, save_checkpoint_dir
+from medusa_train.training.checkpoint import (
+    begin_checkpoint,
+    checkpoint_tmp_dir,
+    finish_checkpoint,
+    latest_checkpoint,
+    read_state,
+    save_checkpoint_dir,
+)
+from medusa_train.training.distributed import (
+    ENGINE_DIR,
+    begin_micro_batch,
+    check_supported,
+    compute_dtype,
+    end_step,
+    fill_deepspeed_config,
+    full_shape,
+    gathered,
+    grad_norm_value,
+    is_deepspeed,
+    is_zero3,
+    load_engine_state,
+    loss_scale,
+    no_sync,
+    register_shared_weight,
+    save_engine_state,
+    save_heads,
+)
 from medusa_train.training.head_batches import frequent_tokens, head_target_counts, pad_labels, selected_logits
 from medusa_train.training.head_eval import eval_metrics, evaluate_heads, format_summary
 from medusa_train.training.hidden_cache import build_hidden_cache, cache_key
@@ -54,6 +88,10 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
     prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, accelerator=accelerator)
     init_tracking(accelerator, cfg)
     world = accelerator.num_processes
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    fill_deepspeed_config(accelerator, micro, accum, cfg.train.max_grad_norm)  # no-op without DeepSpeed
+    check_supported(accelerator, cfg.train.on_nan)
+    zero3 = is_zero3(accelerator)
 
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
@@ -69,20 +107,33 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
         raise ValueError(f"the base model is {base.dtype} but train.mixed_precision is off: set "
                          "train.mixed_precision=bf16 (heads train in fp32 under autocast) or model.dtype=float32")
     decoder, lm_head = base.get_decoder(), base.get_output_embeddings()
-    vocab_size, hidden_size = lm_head.weight.shape
+    vocab_size, hidden_size = full_shape(lm_head.weight)  # ZeRO-3 (zero3_init_flag) loads it partitioned
     vocab_map = None
     if cfg.heads.truncated_vocab_size:
         vocab_map = frequent_tokens(train_labels, vocab_size, cfg.heads.truncated_vocab_size)
-    heads = build_heads(base, cfg.model.name_or_path, num_heads=cfg.heads.num_heads,
-                        num_layers=cfg.heads.num_layers, lm_head=cfg.heads.lm_head,
-                        truncated_vocab_size=cfg.heads.truncated_vocab_size, vocab_map=vocab_map)
-    heads.float()  # trainable parameters stay fp32; autocast handles bf16 compute on GPU
+    with gathered([lm_head.weight]):  # own projections copy the whole base lm_head
+        heads = build_heads(base, cfg.model.name_or_path, num_heads=cfg.heads.num_heads,
+                            num_layers=cfg.heads.num_layers, lm_head=cfg.heads.lm_head,
+                            truncated_vocab_size=cfg.heads.truncated_vocab_size, vocab_map=vocab_map)
+    heads.float()  # trainable parameters stay fp32; autocast (DeepSpeed: its bf16 mode) computes in bf16 on GPU
     K = heads.num_heads
     weights = head_weights(K, cfg.train.decay, cfg.train.heads_coefficient)
 
-    # ---- hidden-state cache -------------------------------------------------------------
+    # ---- optimiser ----------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=cfg.train.max_steps)
+    if zero3:
+        # One engine module: ZeRO-3 partitions the frozen backbone with the heads and gathers
+        # each layer's weights when it runs (the cache below runs the backbone through it).
+        heads_model, optimizer = accelerator.prepare(HeadsOnBackbone(base, heads), optimizer)
+        if heads.lm_heads is None:
+            register_shared_weight(accelerator, heads, lm_head.weight)
+    else:
+        heads_model, optimizer = accelerator.prepare(heads, optimizer)
+    dtype = compute_dtype(accelerator, heads)  # DeepSpeed: the engine's precision; plain: None (autocast)
 
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    # ---- hidden-state cache -------------------------------------------------------------
     global_size = micro * accum * world
     train_cache = eval_cache = None
     if cfg.train.hidden_cache:
@@ -95,7 +146,8 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
             key = cache_key(str(cfg.model.name_or_path), fp, cfg.train.hidden_cache_dtype, hidden_size, indices)
             cache = build_hidden_cache(output_dir / "hidden_cache" / split, key, rows, decoder, hidden_size,
                                        accelerator, dtype=cfg.train.hidden_cache_dtype,
-                                       desc=f"caching {split} hidden states", indices=indices)
+                                       desc=f"caching {split} hidden states", indices=indices,
+                                       equal_forwards=zero3)
             train_cache, eval_cache = (cache, eval_cache) if split == "train" else (train_cache, cache)
 
     def batch_hidden(indices: list[int], rows, labels, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,30 +159,30 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
                                  attention_mask=batch["attention_mask"].to(accelerator.device)).last_hidden_state
         else:
             hidden = torch.nn.utils.rnn.pad_sequence([cache[i] for i in indices], batch_first=True)
-        return hidden.to(accelerator.device), batch["labels"].to(accelerator.device)  # (B, T, H), (B, T)
-
-    # ---- optimiser ----------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=cfg.train.max_steps)
-    heads_model, optimizer = accelerator.prepare(heads, optimizer)
+        return hidden.to(accelerator.device, dtype), batch["labels"].to(accelerator.device)  # (B, T, H), (B, T)
 
     # ---- resume -------------------------------------------------------------------------
     step, skipped, history, losses = 0, 0, [], []
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     if checkpoint is not None:
         state = read_state(checkpoint)
-        restore_heads(accelerator.unwrap_model(heads_model), checkpoint / "heads")
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        if is_deepspeed(accelerator):  # heads and this process's optimizer shard
+            load_engine_state(accelerator, checkpoint / ENGINE_DIR)
+        else:
+            restore_heads(heads, checkpoint / "heads")
+            optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         step, skipped, history, losses = state["step"], state["skipped_batches"], state["history"], state["losses"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     def evaluate() -> dict:
-        return evaluate_heads(accelerator.unwrap_model(heads_model), lm_head, eval_rows, eval_labels, eval_cache,
-                              batch_hidden, cfg.train.micro_batch_size, accelerator)
+        return evaluate_heads(heads, lm_head, eval_rows, eval_labels, eval_cache,
+                              batch_hidden, cfg.train.micro_batch_size, accelerator, equal_forwards=zero3)
 
     def save(step_now: int) -> None:
+        if is_deepspeed(accelerator):
+            save_deepspeed(step_now)
+            return
         if accelerator.is_main_process:
             def write(folder: Path) -> None:
                 accelerator.unwrap_model(heads_model).save_pretrained(folder / "heads")
@@ -139,6 +191,20 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
             save_checkpoint_dir(output_dir, step_now, write,
                                 {"skipped_batches": skipped, "history": history, "losses": losses},
                                 keep=cfg.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def save_deepspeed(step_now: int) -> None:
+        """Every process writes its optimizer shard; the main one the gathered heads and the rest."""
+        if accelerator.is_main_process:
+            begin_checkpoint(output_dir, step_now)
+        accelerator.wait_for_everyone()
+        tmp = checkpoint_tmp_dir(output_dir, step_now)
+        save_engine_state(accelerator, tmp / ENGINE_DIR)
+        save_heads(accelerator, heads, tmp / "heads")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            finish_checkpoint(output_dir, step_now, tmp, {"skipped_batches": skipped, "history": history,
+                                                          "losses": losses}, keep=cfg.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     untrained = history[0]["eval"] if history else None
@@ -159,28 +225,31 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
         micro_labels = [pad_labels([train_labels[i] for i in r]) for r in micro_rows]
         # Normalise by the global batch's target count per head so that any split over
         # micro-batches and processes gives the same gradient as one big batch.
-        counts = sum(head_target_counts(accelerator.unwrap_model(heads_model), lab, K) for lab in micro_labels)
+        counts = sum(head_target_counts(heads, lab, K) for lab in micro_labels)
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
         ce_sums = torch.zeros(K, device=accelerator.device)
         hits = torch.zeros(K, device=accelerator.device)
         for i, r in enumerate(micro_rows):
             hidden, labels = batch_hidden(r, train_rows, train_labels, train_cache)
-            sync = accelerator.no_sync(heads_model) if i < accum - 1 else nullcontext()
+            begin_micro_batch(accelerator, i, accum)  # DeepSpeed steps after the last one
+            sync = no_sync(accelerator, heads_model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
-                logits, targets = selected_logits(heads_model, accelerator.unwrap_model(heads_model), lm_head,
-                                                   hidden, labels, K)
+                logits, targets = selected_logits(heads_model, heads, lm_head, hidden, labels, K)
                 loss, ce, _ = medusa_loss(logits, targets, weights, counts)
-                # DDP averages gradients over processes; the global normaliser already did.
-                accelerator.backward(loss * world)
+                # DDP (and DeepSpeed) average gradients over processes, DeepSpeed also over
+                # micro-batches; the global normaliser already did both.
+                accelerator.backward(loss * loss_scale(accelerator, accum))
             ce_sums += ce
             hits += topk_correct(logits.detach(), targets, ks=(1,))[1]
             train_tokens += int((labels != IGNORE_INDEX).sum())
         ce_sums = accelerator.reduce(ce_sums, reduction="sum")
         hits = accelerator.reduce(hits, reduction="sum")
-        grad_norm = accelerator.clip_grad_norm_(heads_model.parameters(), cfg.train.max_grad_norm)
+        end_step(accelerator)
+        # DeepSpeed clipped inside its step (gradient_clipping) and reports the norm here.
+        grad_norm = grad_norm_value(accelerator.clip_grad_norm_(heads_model.parameters(), cfg.train.max_grad_norm))
         total_loss = float((ce_sums / counts.clamp(min=1) * ce_sums.new_tensor(weights)).sum())
-        if take_step(total_loss, float(grad_norm), step, cfg.train.on_nan, output_dir, skipped):
-            optimizer.step()
+        if take_step(total_loss, grad_norm, step, cfg.train.on_nan, output_dir, skipped):
+            optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward
         else:
             skipped += 1
         scheduler.step()
@@ -195,7 +264,7 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
         bar.set_postfix(loss=f"{total_loss:.3f}", head1_top1=f"{top1[0]:.3f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             metrics = {"train/loss": total_loss, "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": float(grad_norm), "train/tokens_per_s": train_tokens / max(train_time, 1e-9)}
+                       "train/grad_norm": grad_norm, "train/tokens_per_s": train_tokens / max(train_time, 1e-9)}
             for k in range(K):
                 metrics[f"train/head{k + 1}/loss"] = per_head[k]
                 metrics[f"train/head{k + 1}/top1"] = top1[k]
@@ -237,11 +306,25 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
         "eval_untrained": untrained,
         "eval_final": final,
     }
+    save_heads(accelerator, heads, heads_dir)  # the same files whatever the topology (ZeRO-3: gathered)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(heads_model).save_pretrained(heads_dir)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary))
     accelerator.wait_for_everyone()
     if end_training:
         accelerator.end_training()
     return summary
+
+
+class HeadsOnBackbone(nn.Module):
+    """The frozen backbone and the heads as one module, for ZeRO-3: the engine partitions
+    both over the processes and gathers a layer's weights only while it runs, so a backbone
+    too large for one GPU still computes hidden states. forward is the heads' forward."""
+
+    def __init__(self, base: nn.Module, heads: nn.Module):
+        super().__init__()
+        self.base = base
+        self.heads = heads
+
+    def forward(self, hidden: torch.Tensor, base_lm_head: nn.Module | None = None) -> torch.Tensor:
+        return self.heads(hidden, base_lm_head)  # (K, N, V')

@@ -6,6 +6,13 @@
     python -m medusa_train +recipe=medusa2 medusa2.stages=[2] medusa2.stage1_heads=runs/medusa1/heads
     python -m medusa_train +recipe=medusa2 medusa2.backbone=full model.dtype=float32 train.lr=2e-5
     accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m medusa_train +recipe=medusa2 train=gpu
+    accelerate launch --config_file recipes/accelerate_configs/zero2.yaml -m medusa_train \
+        --config-dir recipes/llama-3-8b --config-name medusa2
+
+Under DeepSpeed the backbone (with its adapter) and the heads are one engine module
+(SelectedLogits): ZeRO-3 partitions the frozen base weights too and gathers them as each
+layer runs; checkpoints hold each process's optimizer shard (step_N/engine/), and the
+heads and adapter are gathered before they are saved.
 
 Stage 1 trains the heads alone: it is the medusa1 recipe, run into <output_dir>/stage1 at
 the heads' learning rate (train.lr x medusa2.head_lr_multiplier) with
@@ -58,9 +65,29 @@ from medusa_train.model import MedusaModel
 from medusa_train.recipes import medusa1
 from medusa_train.schedules import ramp_fraction, schedule_value
 from medusa_train.training.checkpoint import (
+    begin_checkpoint,
+    checkpoint_tmp_dir,
+    finish_checkpoint,
     latest_checkpoint,
     read_state,
     save_checkpoint_dir,
+)
+from medusa_train.training.distributed import (
+    ENGINE_DIR,
+    begin_micro_batch,
+    check_supported,
+    end_step,
+    fill_deepspeed_config,
+    gathered,
+    grad_norm_value,
+    is_deepspeed,
+    is_zero3,
+    load_engine_state,
+    loss_scale,
+    no_sync,
+    register_shared_weight,
+    save_engine_state,
+    save_heads,
 )
 from medusa_train.training.head_batches import head_target_counts, pad_labels
 from medusa_train.training.head_eval import eval_metrics, evaluate_heads, format_summary
@@ -97,6 +124,9 @@ def main(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train.mixed_precision, tracker_name(cfg))
     prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, accelerator=accelerator)
+    fill_deepspeed_config(accelerator, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.max_grad_norm)
+    check_supported(accelerator, cfg.train.on_nan)
+    check_deepspeed(m2, accelerator)
 
     # ---- stage 1: heads only (the medusa1 recipe) ----------------------------------------
     stage1 = None
@@ -107,6 +137,8 @@ def main(cfg: DictConfig) -> dict:
     heads_from = Path(m2.stage1_heads) if m2.stage1_heads else output_dir / STAGE1_DIR / "heads"
 
     # ---- stage 2: set-up -----------------------------------------------------------------
+    if is_deepspeed(accelerator):
+        accelerator.free_memory()  # one engine per accelerator: drop stage 1's
     start_time = time.time()
     set_seed(cfg.seed)
     init_tracking(accelerator, cfg)
@@ -136,8 +168,9 @@ def main(cfg: DictConfig) -> dict:
         base.requires_grad_(True)
         if m2.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    heads = MedusaHeads.from_pretrained(heads_from).to(device)  # fp32; autocast computes in bf16 on GPU
-    medusa = MedusaModel(base, heads)  # checks that the heads fit this backbone
+    heads = MedusaHeads.from_pretrained(heads_from).to(device)  # fp32; autocast (DeepSpeed: bf16 mode) computes in bf16
+    with gathered([base.get_output_embeddings().weight]):  # ZeRO-3 (zero3_init_flag) loads it partitioned
+        medusa = MedusaModel(base, heads)  # checks that the heads fit this backbone
     if heads.config.base_model not in (None, str(cfg.model.name_or_path)):
         log.warning("the heads in %s were trained on %s, not on %s", heads_from, heads.config.base_model,
                     cfg.model.name_or_path)
@@ -172,15 +205,20 @@ def main(cfg: DictConfig) -> dict:
                               num_training_steps=cfg.train.max_steps)
     joint = SelectedLogits(medusa)
     joint_model, optimizer = accelerator.prepare(joint, optimizer)
+    if heads.lm_heads is None and heads.truncated:  # ZeRO-3: the heads read the lm_head weight directly
+        register_shared_weight(accelerator, heads, base.get_output_embeddings().weight)
 
     # ---- resume -------------------------------------------------------------------------
     step, skipped, history, losses, backbone_losses = 0, 0, [], [], []
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     if checkpoint is not None:
         state = read_state(checkpoint)
-        restore_heads(heads, checkpoint / "heads")
-        load_trainable_state(base, load_file(str(checkpoint / TRAINABLE_NAME)))  # copied onto the model's device
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        if is_deepspeed(accelerator):  # heads, adapter and this process's optimizer shard
+            load_engine_state(accelerator, checkpoint / ENGINE_DIR)
+        else:
+            restore_heads(heads, checkpoint / "heads")
+            load_trainable_state(base, load_file(str(checkpoint / TRAINABLE_NAME)))  # copied onto the model's device
+            optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         step, skipped, history = state["step"], state["skipped_batches"], state["history"]
         losses, backbone_losses = state["losses"], state["backbone_losses"]
@@ -211,6 +249,9 @@ def main(cfg: DictConfig) -> dict:
                          **{f"eval/backbone/{k}": v for k, v in result["backbone"].items()}}, step=at)
 
     def save(step_now: int) -> None:
+        if is_deepspeed(accelerator):
+            save_deepspeed(step_now)
+            return
         if accelerator.is_main_process:
             def write(folder: Path) -> None:
                 heads.save_pretrained(folder / "heads")
@@ -221,6 +262,21 @@ def main(cfg: DictConfig) -> dict:
                                 {"skipped_batches": skipped, "history": history, "losses": losses,
                                  "backbone_losses": backbone_losses},
                                 keep=cfg.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def save_deepspeed(step_now: int) -> None:
+        """Every process writes its optimizer shard; the main one the gathered heads and the rest."""
+        if accelerator.is_main_process:
+            begin_checkpoint(output_dir, step_now)
+        accelerator.wait_for_everyone()
+        tmp = checkpoint_tmp_dir(output_dir, step_now)
+        save_engine_state(accelerator, tmp / ENGINE_DIR)
+        save_heads(accelerator, heads, tmp / "heads")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            finish_checkpoint(output_dir, step_now, tmp,
+                              {"skipped_batches": skipped, "history": history, "losses": losses,
+                               "backbone_losses": backbone_losses}, keep=cfg.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     if not history:
@@ -258,24 +314,28 @@ def main(cfg: DictConfig) -> dict:
             keep = (next_targets != IGNORE_INDEX) | (all_targets != IGNORE_INDEX).any(0)  # (B, T)
             targets = heads.to_head_vocab(all_targets[:, keep])  # (K, N)
             original = original_logits(input_ids, attention_mask, keep) if kind == "kl" else None  # (N, V)
-            sync = accelerator.no_sync(joint_model) if i < accum - 1 else nullcontext()
+            begin_micro_batch(accelerator, i, accum)  # DeepSpeed steps after the last one
+            sync = no_sync(accelerator, joint_model) if i < accum - 1 else nullcontext()
             with sync, accelerator.autocast():
                 logits, head_logits = joint_model(input_ids, attention_mask, keep)  # (N, V), (K, N, V')
                 backbone_sum = backbone_loss_sum(logits, next_targets[keep], original)
                 heads_loss, ce, _ = medusa_loss(head_logits, targets, weights, counts[1:])
                 loss = backbone_sum / counts[0].clamp(min=1) + heads_loss
-                # DDP averages gradients over processes; the global normaliser already did.
-                accelerator.backward(loss * world)
+                # DDP (and DeepSpeed) average gradients over processes, DeepSpeed also over
+                # micro-batches; the global normaliser already did both.
+                accelerator.backward(loss * loss_scale(accelerator, accum))
             sums += torch.cat([backbone_sum.detach().view(1), ce])
             hits += topk_correct(head_logits.detach(), targets, ks=(1,))[1]
             train_tokens += int((labels != IGNORE_INDEX).sum())
         sums = accelerator.reduce(sums, reduction="sum")
         hits = accelerator.reduce(hits, reduction="sum")
-        grad_norm = float(accelerator.clip_grad_norm_(joint_model.parameters(), cfg.train.max_grad_norm))
+        end_step(accelerator)
+        # DeepSpeed clipped inside its step (gradient_clipping) and reports the norm here.
+        grad_norm = grad_norm_value(accelerator.clip_grad_norm_(joint_model.parameters(), cfg.train.max_grad_norm))
         per_target = (sums / counts.clamp(min=1)).tolist()  # backbone loss, then each head's CE
         total_loss = per_target[0] + sum(w * ce for w, ce in zip(weights, per_target[1:]))
         if take_step(total_loss, grad_norm, step, cfg.train.on_nan, output_dir, skipped):
-            optimizer.step()
+            optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward
         else:
             skipped += 1
         scheduler.step()
@@ -342,15 +402,18 @@ def main(cfg: DictConfig) -> dict:
         "backbone_eval_untrained": untrained["backbone"],
         "backbone_eval_final": final["backbone"],
     }
+    # The heads name their backbone (relative to their folder): loading them alone onto
+    # the original model is refused rather than silently proposing for another model.
+    heads.config.extra = {**heads.config.extra, BACKBONE_KEY: f"../{BACKBONE_DIR}"}
+    save_heads(accelerator, heads, heads_dir)  # the same files whatever the topology (ZeRO-3: gathered)
+    trained = [p for p in base.parameters() if p.requires_grad] if is_zero3(accelerator) else []
+    with gathered(trained):  # ZeRO-3: the adapter (or every weight) whole on each process while saving
+        if accelerator.is_main_process:
+            save_backbone(backbone_dir, save_kind, peft_model if peft_model is not None else base,
+                          base_name=str(cfg.model.name_or_path), tokenizer=tokenizer,
+                          dtype="bfloat16" if m2.qlora else str(base.dtype).removeprefix("torch."),
+                          trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     if accelerator.is_main_process:
-        # The heads name their backbone (relative to their folder): loading them alone onto
-        # the original model is refused rather than silently proposing for another model.
-        heads.config.extra = {**heads.config.extra, BACKBONE_KEY: f"../{BACKBONE_DIR}"}
-        heads.save_pretrained(heads_dir)
-        save_backbone(backbone_dir, save_kind, peft_model if peft_model is not None else base,
-                      base_name=str(cfg.model.name_or_path), tokenizer=tokenizer,
-                      dtype="bfloat16" if m2.qlora else str(base.dtype).removeprefix("torch."),
-                      trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(format_backbone_summary(summary))
     accelerator.wait_for_everyone()
@@ -519,6 +582,22 @@ def check_precision(dtype: torch.dtype, backbone: str, qlora: bool, mixed_precis
         raise ValueError(f"the backbone computes in {'4-bit/bf16' if qlora else dtype} but train.mixed_precision "
                          "is off: set train.mixed_precision=bf16 (trainable weights stay fp32 under autocast) "
                          "or model.dtype=float32")
+
+
+def check_deepspeed(m2: DictConfig, accelerator) -> None:
+    """What the DeepSpeed path does not cover."""
+    if not is_deepspeed(accelerator):
+        return
+    if m2.qlora:
+        raise ValueError("medusa2.qlora=true runs on the plain path (ddp.yaml): its 4-bit base is not partitioned "
+                         "by DeepSpeed; use LoRA on the bf16 backbone with ZeRO-2/3 instead")
+    if is_zero3(accelerator) and m2.backbone == "full" and m2.backbone_loss != "ce":
+        raise ValueError("medusa2.backbone=full with the KL loss keeps a frozen copy of the backbone, which ZeRO-3 "
+                         "cannot partition: use medusa2.backbone=lora (the original is the adapter disabled) or "
+                         "medusa2.backbone_loss=ce")
+    if m2.save == "merged":
+        raise ValueError("medusa2.save=merged reloads the base model on one process; under DeepSpeed save the "
+                         "adapter (medusa2.save=auto) and merge it afterwards with training.lora.load_backbone")
 
 
 def check_config(cfg: DictConfig) -> None:

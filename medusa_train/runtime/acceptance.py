@@ -58,17 +58,20 @@ class Acceptance:
         """(..., V) logits -> (...) next tokens under this rule."""
         if self.rule == "greedy":
             return logits.argmax(-1)
-        scores = logits.float() / self.temperature
         if self.rule == "sample":
-            scores = top_p_filter(scores, self.top_p)
+            probs = self.probs(logits)
         else:
+            scores = logits.float() / self.temperature
             probs = scores.softmax(-1)
             keep = probs >= typical_threshold(probs, self.posterior_threshold, self.posterior_alpha)[..., None]
             keep.scatter_(-1, probs.argmax(-1, keepdim=True), True)
-            scores = scores.masked_fill(~keep, float("-inf"))
-        probs = scores.softmax(-1)
+            probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> the distribution exact sampling draws from (temperature, then top_p)."""
+        return top_p_filter(logits.float() / self.temperature, self.top_p).softmax(-1)
 
     def verify(self, logits: torch.Tensor, tokens: torch.Tensor, tree: Tree):
         """Internal-node logits (B, N, V), node tokens (B, T) -> accepted (B, T) bool, draws (B, N) or None."""

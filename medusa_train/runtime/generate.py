@@ -65,7 +65,7 @@ def medusa_generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    tree: "str | list | Tree | None" = None,
+    tree: str | list | Tree | None = None,
     max_new_tokens: int = 128,
     acceptance: str = "greedy",
     temperature: float = 1.0,
@@ -101,7 +101,7 @@ def medusa_generate(
     if tree.depth > model.heads.num_heads:
         raise ValueError(f"the tree is {tree.depth} deep but the model has {model.heads.num_heads} heads")
     rule = Acceptance(acceptance, temperature, top_p, posterior_threshold, posterior_alpha, generator)
-    eos = torch.tensor(eos_ids(model, eos_token_id), dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids(model.base, eos_token_id), dtype=torch.long, device=device)
     stats = DecodeStats(accept_lengths=[[] for _ in range(B)], forwards=[0] * B, accepted_at_depth=[0] * tree.depth)
     clock = Clock(device)
 
@@ -138,7 +138,7 @@ def medusa_generate(
     stats.time = dict(clock.totals, total=clock.elapsed())
     stats.time["other"] = stats.time["total"] - sum(clock.totals.values())
     width = max(stats.new_tokens)
-    pad = pad_token_id if pad_token_id is not None else pad_id(model, eos.tolist())
+    pad = pad_token_id if pad_token_id is not None else pad_id(model.base, eos.tolist())
     new = torch.full((B, width), pad, dtype=input_ids.dtype)
     for b, out in enumerate(outputs):
         new[b, : len(out)] = torch.tensor(out, dtype=input_ids.dtype)
@@ -279,22 +279,22 @@ def stop_string_end(tokens: list[int], first_new: int, stop_strings: list[str], 
     return None
 
 
-def eos_ids(model, eos_token_id) -> list[int]:
+def eos_ids(base, eos_token_id) -> list[int]:
     """The EOS ids to stop on: the argument, else the base model's generation config, else its config."""
     if eos_token_id is None:
-        generation_config = getattr(model.base, "generation_config", None)
+        generation_config = getattr(base, "generation_config", None)
         eos_token_id = getattr(generation_config, "eos_token_id", None)
         if eos_token_id is None:
-            eos_token_id = getattr(model.config, "eos_token_id", None)
+            eos_token_id = getattr(base.config, "eos_token_id", None)
     if eos_token_id is None:
         return []
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def pad_id(model, eos: list[int]) -> int:
+def pad_id(base, eos: list[int]) -> int:
     """Pad id for finished rows, as transformers' generate picks it: pad token, else the first EOS."""
-    generation_config = getattr(model.base, "generation_config", None)
-    for candidate in (getattr(generation_config, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
+    generation_config = getattr(base, "generation_config", None)
+    for candidate in (getattr(generation_config, "pad_token_id", None), getattr(base.config, "pad_token_id", None)):
         if candidate is not None:
             return candidate
     return eos[0] if eos else 0
@@ -303,9 +303,9 @@ def pad_id(model, eos: list[int]) -> int:
 class Clock:
     """Wall time per named section; synchronises an accelerator so the times are real."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, sections: tuple[str, ...] = ("prefill", "forward", "logits")):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.totals = {"prefill": 0.0, "forward": 0.0, "logits": 0.0}
+        self.totals = dict.fromkeys(sections, 0.0)
         self.begin = time.perf_counter()
 
     @contextmanager

@@ -33,13 +33,29 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def save_checkpoint_dir(output_dir: Path, step: int, write: Callable[[Path], None], state: dict, keep: int = 2) -> Path:
     """Write a complete `step_{step}` folder atomically and keep only the newest `keep`."""
-    output_dir = Path(output_dir)
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    tmp = begin_checkpoint(output_dir, step)
+    write(tmp)
+    return finish_checkpoint(output_dir, step, tmp, state, keep)
+
+
+def checkpoint_tmp_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f".{CHECKPOINT_PREFIX}{step}.tmp"
+
+
+def begin_checkpoint(output_dir: Path, step: int) -> Path:
+    """An empty temporary folder for checkpoint `step` (the main process makes it; under
+    DeepSpeed every process then writes its shard into it: a filesystem all nodes share)."""
+    tmp = checkpoint_tmp_dir(output_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def finish_checkpoint(output_dir: Path, step: int, tmp: Path, state: dict, keep: int = 2) -> Path:
+    """Add the trainer state to `tmp`, rename it to `step_{step}`, keep the newest `keep`."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step}, indent=2))
     if final.exists():
         shutil.rmtree(final)

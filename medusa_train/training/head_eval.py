@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from medusa_train.loss import IGNORE_INDEX, head_targets, topk_correct
@@ -9,10 +11,13 @@ from medusa_train.training.head_batches import selected_logits
 
 
 @torch.no_grad()
-def evaluate_heads(heads, lm_head, rows, labels, cache, batch_hidden, batch_size, accelerator) -> dict:
+def evaluate_heads(heads, lm_head, rows, labels, cache, batch_hidden, batch_size, accelerator,
+                   equal_forwards: bool = False) -> dict:
     """Top-1 / top-5 accuracy per head on held-out rows, against full-vocabulary targets.
 
-    Targets outside a truncated head vocabulary count as misses.
+    Targets outside a truncated head vocabulary count as misses. equal_forwards (ZeRO-3,
+    where weights are gathered collectively): every process runs as many batches as
+    process 0, which has the most rows; a process short of rows repeats row 0 and drops it.
     """
     heads.eval()
     K = heads.num_heads
@@ -27,6 +32,12 @@ def evaluate_heads(heads, lm_head, rows, labels, cache, batch_hidden, batch_size
         totals += (full != IGNORE_INDEX).flatten(1).sum(-1)
         for k, v in topk_correct(logits.float(), targets, ks=(1, 5)).items():
             hits[k] += v
+    if equal_forwards and rows:
+        most = math.ceil(math.ceil(len(rows) / accelerator.num_processes) / batch_size)
+        for _ in range(most - math.ceil(len(mine) / batch_size)):
+            hidden, lab = batch_hidden([0], rows, labels, cache)
+            with accelerator.autocast():
+                selected_logits(heads, heads, lm_head, hidden, lab, K)
     totals = accelerator.reduce(totals, reduction="sum")
     result = {"tokens": int(totals[0])}
     for k in (1, 5):

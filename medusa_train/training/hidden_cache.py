@@ -4,7 +4,10 @@ With a frozen backbone the last hidden state of every training token never chang
 Medusa-1 needs the backbone forward only once per row; every later visit reads it from
 the cache. Each process writes its own shard (rows i with i % world == rank) as a
 `.npy` file plus an index of (row, offset, length), so `accelerate launch` builds the
-cache in parallel; every process then maps all shards read-only.
+cache in parallel; every process then maps all shards read-only. Under ZeRO-3 the
+backbone's weights are partitioned and gathered collectively as each layer runs, so every
+process must run as many forward passes as the busiest one (`equal_forwards`): the others
+pad with one-token passes whose output is dropped.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def build_hidden_cache(
     dtype: str = "float16",
     desc: str = "caching hidden states",
     indices: list[int] | None = None,
+    equal_forwards: bool = False,
 ) -> HiddenCache:
     """Run the frozen decoder once over rows `indices` (default: all) and store last hidden states.
 
@@ -76,8 +80,15 @@ def build_hidden_cache(
         path.mkdir(parents=True, exist_ok=True)
         indices = range(len(rows)) if indices is None else indices
         mine = [i for n, i in enumerate(indices) if n % world == rank]
-        _write_shard(path, rank, mine, rows, decoder, hidden_size, accelerator.device, batch_tokens,
+        batches = _batches([len(rows[i]) for i in mine], batch_tokens)
+        _write_shard(path, rank, mine, batches, rows, decoder, hidden_size, accelerator.device,
                      np.dtype(dtype), desc, accelerator.is_local_main_process)
+        if equal_forwards:
+            from medusa_train.training.distributed import max_over_processes
+
+            one = torch.zeros(1, 1, dtype=torch.long, device=accelerator.device)
+            for _ in range(max_over_processes(accelerator, len(batches)) - len(batches)):
+                decoder(input_ids=one, attention_mask=torch.ones_like(one))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (path / META_NAME).write_text(json.dumps({"key": key, "num_shards": world, "rows": len(rows)}))
@@ -85,22 +96,29 @@ def build_hidden_cache(
     return HiddenCache(path)
 
 
-def _write_shard(path, shard, mine, rows, decoder, hidden_size, device, batch_tokens, np_dtype, desc, show):
+def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Positions into `lengths`, sorted by length (each batch pads little) and cut into
+    batches of ~batch_tokens padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and lengths[order[end]] * (end - start + 1) <= batch_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
+def _write_shard(path, shard, mine, batches, rows, decoder, hidden_size, device, np_dtype, desc, show):
     lengths = [len(rows[i]) for i in mine]
     total = sum(lengths)
     tmp = path / f".shard{shard}.npy.tmp"
     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(total, hidden_size))
     index = np.zeros((len(mine), 3), dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if mine else []
-    # Sort by length so each batch pads little; a batch holds ~batch_tokens tokens.
-    order = sorted(range(len(mine)), key=lambda j: lengths[j])
     bar = tqdm(total=total, desc=desc, unit="tok", disable=not show)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and lengths[order[end]] * (end - start + 1) <= batch_tokens:
-            end += 1
-        batch = order[start:end]
+    for batch in batches:
         longest = max(lengths[j] for j in batch)
         ids = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -113,7 +131,6 @@ def _write_shard(path, shard, mine, rows, decoder, hidden_size, device, batch_to
             store[offsets[j] : offsets[j] + lengths[j]] = hidden[b, : lengths[j]]
             index[j] = (mine[j], offsets[j], lengths[j])
         bar.update(sum(lengths[j] for j in batch))
-        start = end
     bar.close()
     store.flush()
     del store

@@ -21,19 +21,12 @@ from medusa_train.recipes import medusa2
 from medusa_train.training.lora import add_lora, backbone_dir_for, load_backbone
 from tests.conftest import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 register_configs()
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "with", "a", "red", "ball"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread beats two that wait on each other on a shared CPU (~6x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- LoRA mechanics and loss pieces (no recipe) ------------------------------------------------
@@ -270,3 +263,26 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(two_stages, tiny_mo
     assert summary["skipped_batches"] == 1
     saved = load_file(str(tmp_path / "skip" / "backbone" / "adapter_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in saved.values())
+
+
+def test_eval_measures_the_tuned_backbone_against_the_original(two_stages, chat_file, tmp_path):
+    from medusa_train.eval.__main__ import run_eval
+
+    out, _, _ = two_stages
+    (out / ".hydra").mkdir(exist_ok=True)  # the held-out split of the run's own data
+    (out / ".hydra" / "config.yaml").write_text(f"data:\n  sources: [{chat_file}]\n  eval_fraction: 0.1\n")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "x", "turns": ["Say the words from 3."]}) + "\n")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            f"heads_dir={out / 'heads'}", f"bench={questions}", "max_new_tokens=4", "methods=[medusa]", "tree=[[0],[0,0]]",
+            "quality.num_prompts=3", "quality.max_new_tokens=6", "progress=false", "warmup=false",
+            f"output_dir={tmp_path / 'eval'}"])
+    result = run_eval(cfg)["result"]
+    quality = result["quality"]
+    assert quality["prompts"] == 3 and quality["answer_tokens"] > 0
+    assert quality["original_self_agreement"] == 1.0
+    assert 0.0 <= quality["teacher_forced_agreement"] <= 1.0
+    assert math.isfinite(quality["perplexity_original"]) and math.isfinite(quality["perplexity_tuned"])
+    assert quality["perplexity_tuned"] != quality["perplexity_original"]  # the backbone did train
+    assert "greedy token agreement" in (tmp_path / "eval" / "results.md").read_text()

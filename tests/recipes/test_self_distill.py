@@ -19,7 +19,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from medusa_train.config import register_configs
@@ -33,18 +32,11 @@ from medusa_train.data.self_distill import (
 )
 from medusa_train.recipes import self_distill
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 NUM_ROWS = 16
 register_configs()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -64,17 +64,48 @@ def test_cli_bench_tree_and_draft(run_dir, tiny_model_dir):
     eval_dir = run_dir / "eval"  # default: the run's eval/ folder
     result = json.loads((eval_dir / "results.json").read_text())
     overall = result["categories"]["overall"]
-    assert set(overall) == {"hf_generate", "runtime_ar", "medusa", "medusa:chain4", "hf_assisted"}
+    assert set(overall) == {"hf_generate", "runtime_ar", "medusa", "medusa:chain4", "hf_assisted", "hf_prompt_lookup",
+                            "draft"}
     assert all(m["prompts"] == 4 and m["identical"] == 4 for m in overall.values())  # 2 turns + 2 questions
     assert overall["hf_generate"]["tau"] == 1.0 and overall["runtime_ar"]["tau"] == 1.0
     assert result["tree"] == {"source": "given", "num_nodes": 4, "choices": [[0], [1], [0, 0]]}
     assert [(r["question_id"], r["turn"]) for r in result["records"]] == [(1, 0), (1, 1), (2, 0), (3, 0)]
-    assert [r["order"][0] for r in result["records"]] == ["hf_generate", "hf_assisted", "hf_generate", "hf_assisted"]
+    assert [r["order"][0] for r in result["records"]] == ["hf_generate", "draft", "hf_generate", "draft"]
     assert set(result["categories"]) == {"writing", "math", "overall"}
     assert (eval_dir / "results.png").stat().st_size > 0
     md = (eval_dir / "results.md").read_text()
     assert "| **overall** | 4 |" in md and "| Medusa (tree) [chain4] (`medusa:chain4`) | 1.00 |" in md
     assert "| **overall** | 4 |" in out.stdout
+
+
+def test_draft_methods_without_heads(run_dir, tiny_model_dir, tmp_path):
+    """A draft alone: our draft decoding, HF assisted generation at chosen settings and prompt
+    lookup, all token-identical to HF generate. The draft is the target itself here, so every
+    draft is kept."""
+    from medusa_train.draft.vocab import save_vocab_map
+
+    draft_dir = tmp_path / "draft"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, draft_dir)
+    save_vocab_map(draft_dir, torch.arange(0, 49152, 3))  # a truncated vocabulary: fewer drafts kept
+    cfg = eval_config([f"base_model={tiny_model_dir}", f"draft={draft_dir}", f"bench={run_dir.parent / 'q.jsonl'}",
+                       "max_new_tokens=12", "max_turns=1", "progress=false", "threads=1",
+                       "methods=[hf_generate,draft:3-full,draft:auto,hf_assisted:3-constant-c0,hf_prompt_lookup:2]"])
+    result = run_eval(cfg)["result"]
+    overall = result["categories"]["overall"]
+    assert list(overall) == ["hf_generate", "draft:3-full", "draft:auto", "hf_assisted:3-constant-c0",
+                             "hf_prompt_lookup:2"]
+    assert all(m["identical"] == m["prompts"] == 3 for m in overall.values())
+    assert overall["draft:3-full"]["acceptance_rate"] == 1.0 and overall["draft:3-full"]["tau"] > 2
+    assert overall["draft:auto"]["acceptance_rate"] < 1.0  # a third of the vocabulary: some drafts miss
+    assert result["heads"] is None and result["tree"] is None
+    assert (tmp_path / "eval" / "results.md").is_file()  # default: next to the draft folder
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        run_eval(eval_config([f"bench={run_dir.parent / 'q.jsonl'}"]))
+    with pytest.raises(ValueError, match="schedule"):
+        run_eval(eval_config([f"base_model={tiny_model_dir}", f"draft={draft_dir}", "methods=[hf_assisted:fast]",
+                              f"bench={run_dir.parent / 'q.jsonl'}", "progress=false", "warmup=false"]))
 
 
 def test_search_saves_tree_into_heads(run_dir, tmp_path, monkeypatch):

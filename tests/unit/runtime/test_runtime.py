@@ -12,16 +12,9 @@ from medusa_train.runtime.acceptance import Acceptance
 from medusa_train.runtime.generate import Clock, decode_step, next_inputs, prefill, tree_forward
 from tests.conftest import TINY, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box thread barriers stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def medusa(arch="llama", seed=0, config=None, **head_kwargs) -> MedusaModel:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = [
@@ -12,15 +14,6 @@ PROMPTS = [
     "Write a haiku about the sea.",
     "List three uses of a paper clip.",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core box thread barriers stall; one thread is faster there and as exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
