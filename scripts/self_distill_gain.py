@@ -25,6 +25,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from compare_heads import measure_heads, table as heads_table  # noqa: E402
+
 ARMS = ("dataset", "self_distilled")
 
 
@@ -53,7 +56,7 @@ def main() -> None:
                    f"output_dir={run_dir}", f"train.max_steps={args.steps}", "logger=none", *args.extra]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=REPO, env=env, check=True)
-        results[arm] = measure(run_dir / "heads", args)
+        results[arm] = measure_heads(run_dir / "heads", args.questions, args.max_new_tokens, args.tree, args.threads)
     report = {"rows": count_rows(files["dataset"]), "steps": args.steps, "tree": args.tree,
               "questions": args.questions, "max_new_tokens": args.max_new_tokens, "arms": results}
     (out / "gain.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -85,44 +88,10 @@ def write_arm_files(self_distilled: Path, source: str | None, out: Path) -> dict
     return files
 
 
-def measure(heads: Path, args) -> dict:
-    """Head top-1 on the model's own MT-bench answers; tau and speedup with a fixed tree."""
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from medusa_train.base_model import load_tokenizer
-    from medusa_train.eval.__main__ import run_eval
-    from medusa_train.eval.accuracy import head_accuracy
-    from medusa_train.eval.bench import chat_prompt
-    from medusa_train.eval.questions import load_questions, resolve_bench, select_questions
-    from medusa_train.model import MedusaModel
-
-    torch.set_num_threads(args.threads)
-    model = MedusaModel.from_pretrained(None, heads)
-    tokenizer = load_tokenizer(model.heads.config.base_model)
-    questions = select_questions(load_questions(resolve_bench("mt_bench")), args.questions)
-    prompts = [chat_prompt(tokenizer, [{"role": "user", "content": q.turns[0]}])[0].tolist() for q in questions]
-    ranks = head_accuracy(model, tokenizer, heads, prompts=prompts, max_new_tokens=args.max_new_tokens)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=[
-            f"heads_dir={heads}", f"num_questions={args.questions}", "max_turns=1",
-            f"max_new_tokens={args.max_new_tokens}", f"threads={args.threads}", f"methods=[medusa:{args.tree}]",
-            f"output_dir={heads.parent / 'eval_gain'}"])
-    overall = run_eval(cfg)["result"]["categories"]["overall"][f"medusa:{args.tree}"]
-    return {"head_top1": [row[0] for row in ranks.topk_accuracy()], "head_top5": [row[4] for row in ranks.topk_accuracy()],
-            "positions": ranks.positions(), "tau": overall["tau"], "speedup": overall["speedup"],
-            "identical": f"{overall['identical']}/{overall['prompts']}"}
-
-
 def table(report: dict) -> str:
-    lines = [f"Medusa-1 heads, {report['steps']} steps on the same {report['rows']} prompts; MT-bench first turns "
-             f"({report['questions']}), the base model's own greedy answers, tree {report['tree']}",
-             "", "| answers trained on | head-1 top-1 | head-2 top-1 | head-3 top-1 | head-4 top-1 | tau | speedup | identical |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for arm, r in report["arms"].items():
-        top1 = " | ".join(f"{a:.3f}" for a in (r["head_top1"] + [float("nan")] * 4)[:4])
-        lines.append(f"| {arm} | {top1} | {r['tau']:.2f} | {r['speedup']:.2f}x | {r['identical']} |")
-    return "\n".join(lines)
+    title = (f"Medusa-1 heads, {report['steps']} steps on the same {report['rows']} prompts; MT-bench first turns "
+             f"({report['questions']}), the base model's own greedy answers, tree {report['tree']}")
+    return heads_table([{**r, "name": arm} for arm, r in report["arms"].items()], title)
 
 
 def count_rows(path: Path) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ from transformers import GenerationConfig
 from medusa_train.training.checkpoint import atomic_write
 
 # ---- generation ---------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,34 @@ def part_files(output_file: Path) -> list[Path]:
 
 def meta_file(output_file: Path) -> Path:
     return Path(output_file).with_name(Path(output_file).name + ".meta.json")
+
+
+def answers_model(source: str | Path) -> str | None:
+    """The base model that wrote a self-distilled data file (from its meta file), or None."""
+    meta = meta_file(Path(source))
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("settings", {}).get("base_model")
+
+
+def warn_other_models_answers(sources: list[str], model_name: str) -> list[str]:
+    """Self-distilled sources written by another base model than the one being trained: heads
+    and drafts learn best from the answers of the model they will decode for. -> the warnings."""
+    from medusa_train.data.readers import resolve_data_path
+
+    warnings = []
+    for source in sources:
+        try:
+            writer = answers_model(resolve_data_path(source))
+        except FileNotFoundError:  # a hub dataset id
+            continue
+        if writer is not None and writer != model_name:
+            warnings.append(f"{source} holds the answers of {writer}, not of {model_name}: for heads or a draft that "
+                            f"match {model_name}, make its own first (python -m medusa_train +recipe=self_distill "
+                            f"model.name_or_path={model_name} data.sources=[...])")
+    for message in warnings:
+        log.warning(message)
+    return warnings
 
 
 def repair_jsonl(path: Path) -> int:

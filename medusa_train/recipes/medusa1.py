@@ -95,7 +95,7 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
 
     # ---- data ---------------------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision)
-    train_ds, eval_ds = tokenized_splits(cfg.data, tokenizer, accelerator)
+    train_ds, eval_ds = tokenized_splits(cfg.data, tokenizer, accelerator, cfg.model.name_or_path)
     train_rows, train_labels = train_ds["input_ids"], train_ds["labels"]
     eval_rows, eval_labels = eval_ds["input_ids"], eval_ds["labels"]
 

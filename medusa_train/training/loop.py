@@ -13,6 +13,7 @@ from medusa_train.data import (
     tokenize_conversations,
     train_eval_split,
 )
+from medusa_train.data.self_distill import warn_other_models_answers
 from medusa_train.heads import MedusaHeads
 from medusa_train.training.batching import global_batch, shard
 from medusa_train.training.checkpoint import latest_checkpoint
@@ -55,9 +56,12 @@ def restore_heads(heads: MedusaHeads, folder: Path) -> None:
     heads.vocab_map = restored.vocab_map.to(heads.vocab_map.device)
 
 
-def tokenized_splits(data, tokenizer, accelerator):
+def tokenized_splits(data, tokenizer, accelerator, model_name: str | None = None):
     """(train, eval) datasets with `input_ids` and `labels` (assistant tokens only) from a
-    `data` config node; the eval split is cut to data.eval_max_rows."""
+    `data` config node; the eval split is cut to data.eval_max_rows. With `model_name`, warns
+    about self-distilled sources that another model wrote."""
+    if model_name is not None and accelerator.is_main_process:
+        warn_other_models_answers(list(data.sources), str(model_name))
     with accelerator.main_process_first():  # one process tokenises, the others hit the datasets cache
         conversations = load_conversations(list(data.sources), format=data.format, split=data.split,
                                            max_rows=data.max_rows)

@@ -165,3 +165,16 @@ def test_two_processes_write_the_same_file_as_one(tiny_model_dir, data_file, hf_
     assert part_files(output_file) == []
     [run] = json.loads(meta_file(output_file).read_text())["runs"]
     assert run["processes"] == 2 and run["conversations"] == NUM_ROWS and run["answers"] == reference[0]["answers"]
+
+
+def test_training_on_another_models_answers_warns(tmp_path):
+    from medusa_train.data.self_distill import answers_model, meta_file, warn_other_models_answers, write_meta
+
+    data = tmp_path / "answers.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    assert answers_model(data) is None and warn_other_models_answers([str(data)], "m") == []
+    write_meta(data, {"settings": {"base_model": "smollm2-135m-instruct"}, "info": {}, "runs": []})
+    assert meta_file(data).is_file() and answers_model(data) == "smollm2-135m-instruct"
+    assert warn_other_models_answers([str(data)], "smollm2-135m-instruct") == []
+    (warning,) = warn_other_models_answers([str(data), "some/hub-dataset"], "Qwen/Qwen2.5-0.5B-Instruct")
+    assert "answers of smollm2-135m-instruct, not of Qwen/Qwen2.5-0.5B-Instruct" in warning

@@ -1,13 +1,12 @@
-"""The runtime on the real default model (SmolLM2-135M-Instruct, untrained heads): greedy == generate."""
+"""The runtimes on the real default model (SmolLM2-135M-Instruct, untrained heads, an untrained
+layer-subset draft): greedy == generate."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -57,3 +56,20 @@ def test_greedy_batch_identical_to_generate(smollm2):
     reference = model.base.generate(**batch, do_sample=False, max_new_tokens=32)
     out = medusa_generate(model, batch["input_ids"], batch["attention_mask"], tree="cpu_small", max_new_tokens=32)
     assert torch.equal(out.sequences, reference)
+
+
+@pytest.mark.parametrize("gamma,truncated", [("auto", False), (3, True)])
+def test_draft_decoding_identical_to_generate(smollm2, gamma, truncated):
+    from omegaconf import OmegaConf
+
+    from medusa_train.draft.build import build_draft
+    from medusa_train.runtime.speculative import draft_generate
+
+    model, tokenizer = smollm2
+    draft = build_draft(model.base, OmegaConf.create({"init": "layers", "layers": [0, 10, 20, 29]}))
+    vocab_map = torch.arange(0, model.config.vocab_size, 6) if truncated else None
+    for text in PROMPTS:
+        ids = chat(tokenizer, text)
+        reference = model.base.generate(ids, do_sample=False, max_new_tokens=32)
+        out = draft_generate(model.base, draft, ids, gamma=gamma, vocab_map=vocab_map, max_new_tokens=32)
+        assert torch.equal(out.sequences, reference), (gamma, text)
