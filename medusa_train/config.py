@@ -26,7 +26,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # Local JSON/JSONL files (relative to the cwd or the repo root) or HF dataset ids.
-    sources: list[str] = field(default_factory=lambda: ["data/default_train.jsonl"])
+    # Default: the embedded model's own answers to bundled prompts (self-distilled, see data/SOURCES.md).
+    sources: list[str] = field(default_factory=lambda: ["data/default_self_distill.jsonl"])
     format: str = "auto"  # auto | sharegpt | messages | instruction | qa | completion | prompt
     split: str = "train"
     max_length: int = 512

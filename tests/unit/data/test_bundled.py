@@ -64,3 +64,16 @@ def test_prepare_default_reproduces_the_bundled_files(tmp_path):
                    check=True, capture_output=True)
     for name in ["default_train.jsonl", "default_prompts.jsonl", "mt_bench_question.jsonl"]:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_default_self_distill_is_the_models_answers_to_bundled_prompts():
+    from medusa_train.data.self_distill import answers_model
+
+    path = DATA / "default_self_distill.jsonl"
+    assert answers_model(path) == "smollm2-135m-instruct"  # what the recipes' other-model warning reads
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 600 and len(load_conversations([str(path)])) == 600
+    source = load_conversations(["data/default_train.jsonl"], require_assistant=False)["messages"]
+    for row in rows[::50]:  # each prompt is the first user turn of the source row it names
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and row["messages"][1]["content"]
+        assert row["messages"][0]["content"] == next(m["content"] for m in source[row["id"]] if m["role"] == "user")
