@@ -56,7 +56,7 @@ def table(rows: list[dict], title: str = "") -> str:
         top1 = " | ".join(f"{a:.3f}" for a in (r["head_top1"] + [float("nan")] * 4)[:4])
         q = r.get("quality")
         quality = (f"{q['teacher_forced_agreement']:.4f} | {q['perplexity_original']:.3f} -> {q['perplexity_tuned']:.3f}"
-                   if q else "(backbone unchanged) | ")
+                   if q else "1 (backbone unchanged) | unchanged")
         lines.append(f"| {r.get('name', r['heads'])} | {top1} | {r['tau']:.2f} | {r['speedup']:.2f}x | {r['identical']} | "
                      f"{quality} |")
     return "\n".join(lines)
