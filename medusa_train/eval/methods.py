@@ -213,20 +213,10 @@ def draft(ctx: MethodContext, arg: str | None) -> Method:
     gamma = "auto" if parts[0] == "auto" else int(parts[0])
     vocab_map = None if full_vocab else ctx.draft_vocab_map
 
-    @torch.no_grad()
-    def run(input_ids: torch.Tensor) -> Generation:
-        _sync(input_ids.device)
-        start = time.perf_counter()
-        out = draft_generate(ctx.base, ctx.draft, input_ids, gamma=gamma, vocab_map=vocab_map,
-                             max_new_tokens=ctx.max_new_tokens)
-        _sync(input_ids.device)
-        seconds = time.perf_counter() - start
-        s = out.stats
-        stats = {"steps": s.steps, "time": s.time, "accepted_at_depth": s.accepted_at_depth,
-                 "accept_lengths": s.accept_lengths[0], "gammas": s.gammas}
-        return Generation(out.new_tokens[0], seconds, sum(s.forwards), stats)
-
-    return run
+    return _timed_runtime(
+        lambda input_ids: draft_generate(ctx.base, ctx.draft, input_ids, gamma=gamma, vocab_map=vocab_map,
+                                         max_new_tokens=ctx.max_new_tokens),
+        extra_stats=lambda s: {"gammas": s.gammas})
 
 
 def _runtime_method(ctx: MethodContext, tree) -> Method:
@@ -234,17 +224,23 @@ def _runtime_method(ctx: MethodContext, tree) -> Method:
 
     if ctx.model is None:
         raise ValueError("the Medusa runtime methods need heads: heads=PATH")
+    return _timed_runtime(lambda input_ids: medusa_generate(ctx.model, input_ids, tree=tree,
+                                                            max_new_tokens=ctx.max_new_tokens))
+
+
+def _timed_runtime(generate: Callable[[torch.Tensor], Any], extra_stats=None) -> Method:
+    """A runtime decode (one prompt -> GenerateOutput) as a timed method with its step statistics."""
 
     @torch.no_grad()
     def run(input_ids: torch.Tensor) -> Generation:
         _sync(input_ids.device)
         start = time.perf_counter()
-        out = medusa_generate(ctx.model, input_ids, tree=tree, max_new_tokens=ctx.max_new_tokens)
+        out = generate(input_ids)
         _sync(input_ids.device)
         seconds = time.perf_counter() - start
         s = out.stats
         stats = {"steps": s.steps, "time": s.time, "accepted_at_depth": s.accepted_at_depth,
-                 "accept_lengths": s.accept_lengths[0]}
+                 "accept_lengths": s.accept_lengths[0], **(extra_stats(s) if extra_stats else {})}
         return Generation(out.new_tokens[0], seconds, sum(s.forwards), stats)
 
     return run
@@ -261,10 +257,9 @@ def medusa(ctx: MethodContext, arg: str | None) -> Method:
     """arg: a tree name in runtime.TREES (default: the benchmarked tree)."""
     from medusa_train.runtime import resolve_tree
 
-    if ctx.model is None:
-        raise ValueError("the Medusa methods need heads: heads=PATH")
     tree = arg if arg is not None else ctx.tree
+    run = _runtime_method(ctx, tree)  # checks there are heads
     depth = resolve_tree(tree, ctx.model.heads.config.tree).depth  # fail now, not after the baseline ran
     if depth > ctx.model.heads.num_heads:
         raise ValueError(f"tree {tree} is {depth} deep but the heads are {ctx.model.heads.num_heads}")
-    return _runtime_method(ctx, tree)
+    return run

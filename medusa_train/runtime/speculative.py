@@ -275,8 +275,7 @@ class GammaController:
         return max(range(self.max_gamma + 1), key=self.expected_rate)
 
     def expected_rate(self, g: int) -> float:
-        a = min(self.acceptance, 1 - 1e-6)
-        tokens = (1 - a ** (g + 1)) / (1 - a)
+        tokens = expected_tokens(self.acceptance, g)
         measured = min(self.t_verify, key=lambda m: (abs(m - g), m))
         t_draft = self.t_draft if self.t_draft is not None else 0.0
         return tokens / (g * t_draft + self.t_verify[measured] + 1e-9)
