@@ -8,8 +8,8 @@ losses.next_token_mask) are stored, in order: the target's greedy token over the
 vocabulary, and the top-k log-probs and ids of the distribution the loss compares against,
 log_softmax(logits / temperature) over the full vocabulary or over a truncated one.
 
-Layout, as training/hidden_cache.py: each process writes the rows i with n % world == rank
-of `indices` to its own shard (`shard{s}_logprobs.npy` (P, k), `shard{s}_ids.npy` (P, k)
+Layout, as training/hidden_cache.py (training/row_shards.py): each process writes its
+share of `indices` to its own shard (`shard{s}_logprobs.npy` (P, k), `shard{s}_ids.npy` (P, k)
 int32 full-vocabulary ids, `shard{s}_greedy.npy` (P,) int32, `shard{s}_index.npy` rows of
 (row, offset, positions)); `meta.json`, written last and atomically, holds the key (model,
 data, rows, k, dtype, temperature, vocabulary). A cache whose meta.json is missing or
@@ -28,9 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medusa_train.draft.losses import next_token_mask
-from medusa_train.training.checkpoint import atomic_write
-
-META_NAME = "meta.json"
+from medusa_train.training.row_shards import build_shards, length_batches, padded, read_index, read_meta, span_offsets
 
 
 def target_cache_key(model_name: str, dataset_fingerprint: str, top_k: int, dtype: str, temperature: float,
@@ -47,16 +45,13 @@ class TargetCache:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        meta = json.loads((self.path / META_NAME).read_text())
+        meta = read_meta(self.path)
         self.top_k = meta["top_k"]
-        self.where: dict[int, tuple[int, int, int]] = {}  # row -> (shard, offset, positions)
-        self.logprobs, self.ids, self.greedy = [], [], []
-        for s in range(meta["num_shards"]):
-            self.logprobs.append(np.load(self.path / f"shard{s}_logprobs.npy", mmap_mode="r"))
-            self.ids.append(np.load(self.path / f"shard{s}_ids.npy", mmap_mode="r"))
-            self.greedy.append(np.load(self.path / f"shard{s}_greedy.npy", mmap_mode="r"))
-            for row, offset, length in np.load(self.path / f"shard{s}_index.npy"):
-                self.where[int(row)] = (s, int(offset), int(length))
+        self.where = read_index(self.path, meta["num_shards"])  # row -> (shard, offset, positions)
+        shards = range(meta["num_shards"])
+        self.logprobs = [np.load(self.path / f"shard{s}_logprobs.npy", mmap_mode="r") for s in shards]
+        self.ids = [np.load(self.path / f"shard{s}_ids.npy", mmap_mode="r") for s in shards]
+        self.greedy = [np.load(self.path / f"shard{s}_greedy.npy", mmap_mode="r") for s in shards]
 
     def __len__(self) -> int:
         return len(self.where)
@@ -73,11 +68,6 @@ class TargetCache:
         order: the order of `tensor[mask]` for a (B, T) mask of those rows."""
         parts = [self[r] for r in rows]
         return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
-
-
-def is_complete(path: Path, key: str) -> bool:
-    meta = Path(path) / META_NAME
-    return meta.is_file() and json.loads(meta.read_text()).get("key") == key
 
 
 @torch.no_grad()
@@ -100,18 +90,13 @@ def build_target_cache(
     (default: all) and store, per counted position, the greedy id and the top-k of
     log_softmax(logits[:, vocab_map] / temperature) (vocab_map None: all of V)."""
     path = Path(path)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if not is_complete(path, key):
-        path.mkdir(parents=True, exist_ok=True)
-        indices = range(len(rows)) if indices is None else indices
-        mine = [i for n, i in enumerate(indices) if n % world == rank]
-        _write_shard(path, rank, mine, rows, labels, target_logits, top_k, temperature, vocab_map, np.dtype(dtype),
-                     accelerator.device, batch_tokens, desc, accelerator.is_local_main_process)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            meta = {"key": key, "num_shards": world, "top_k": top_k, "rows": len(indices), "dtype": dtype}
-            atomic_write(path / META_NAME, lambda tmp: tmp.write_text(json.dumps(meta)))
-        accelerator.wait_for_everyone()
+
+    def write_shard(mine: list[int]) -> None:
+        _write_shard(path, accelerator.process_index, mine, rows, labels, target_logits, top_k, temperature, vocab_map,
+                     np.dtype(dtype), accelerator.device, batch_tokens, desc, accelerator.is_local_main_process)
+
+    meta = {"top_k": top_k, "rows": len(rows) if indices is None else len(indices), "dtype": dtype}
+    build_shards(path, key, len(rows), indices, accelerator, write_shard, meta)
     return TargetCache(path)
 
 
@@ -119,7 +104,7 @@ def _write_shard(path, shard, mine, rows, labels, target_logits, top_k, temperat
                  batch_tokens, desc, show):
     counted = [int(next_token_mask(torch.tensor([labels[i]])).sum()) for i in mine]
     total = sum(counted)
-    offsets = np.concatenate([[0], np.cumsum(counted)[:-1]]).astype(np.int64) if mine else []
+    offsets = span_offsets(counted)
     names = ("logprobs", "ids", "greedy")
     tmp = {n: path / f".shard{shard}_{n}.npy.tmp" for n in names}
     stores = {"logprobs": np.lib.format.open_memmap(tmp["logprobs"], mode="w+", dtype=np_dtype, shape=(total, top_k)),
@@ -127,22 +112,10 @@ def _write_shard(path, shard, mine, rows, labels, target_logits, top_k, temperat
               "greedy": np.lib.format.open_memmap(tmp["greedy"], mode="w+", dtype=np.int32, shape=(total,))}
     index = np.zeros((len(mine), 3), dtype=np.int64)
     lengths = [len(rows[i]) for i in mine]
-    order = sorted(range(len(mine)), key=lambda j: lengths[j])  # similar lengths per batch: little padding
     bar = tqdm(total=sum(lengths), desc=desc, unit="tok", disable=not show)
-    start = 0
-    while start < len(order):
-        end = start + 1
-        while end < len(order) and lengths[order[end]] * (end - start + 1) <= batch_tokens:
-            end += 1
-        batch = order[start:end]
-        longest = max(lengths[j] for j in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        lab = torch.full((len(batch), longest), -100, dtype=torch.long)
-        for b, j in enumerate(batch):
-            ids[b, :lengths[j]] = torch.tensor(rows[mine[j]])
-            lab[b, :lengths[j]] = torch.tensor(labels[mine[j]])
-            mask[b, :lengths[j]] = 1
+    for batch in length_batches(lengths, batch_tokens):
+        ids, mask = padded([rows[mine[j]] for j in batch])
+        lab, _ = padded([labels[mine[j]] for j in batch], fill=-100)
         keep = next_token_mask(lab)  # (B, T)
         logits = target_logits(ids.to(device), mask.to(device), keep.to(device)).float()  # (N, V)
         greedy = logits.argmax(-1)  # (N,)
@@ -159,7 +132,6 @@ def _write_shard(path, shard, mine, rows, labels, target_logits, top_k, temperat
             index[j] = (mine[j], offsets[j], c)
             n += c
         bar.update(sum(lengths[j] for j in batch))
-        start = end
     bar.close()
     for name in names:
         stores[name].flush()

@@ -61,11 +61,7 @@ def summary_lines(result: dict) -> list[str]:
 
 def plot_results(categories: dict[str, dict[str, dict]], path: Path, title: str = "") -> None:
     """Speedup (left) and tau (right) per category, one bar per method other than the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     cats = list(categories)
     others = [n for n in categories["overall"] if n != BASELINE]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(cats) * 2), 4.2))
@@ -79,20 +75,13 @@ def plot_results(categories: dict[str, dict[str, dict]], path: Path, title: str 
         ax.set_xticklabels(cats, rotation=35, ha="right")
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path, title)
 
 
 def write_results(output_dir: str | Path, result: dict, title: str = "") -> dict[str, Path]:
     """result: {"categories": by_category(records), ...} -> results.json / .md / .png in output_dir."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(result["categories"])
-    paths = {"json": out / RESULTS_JSON, "md": out / RESULTS_MD, "png": out / RESULTS_PNG}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    paths = _write_json(output_dir, result, RESULTS_JSON, RESULTS_MD, RESULTS_PNG)
     notes = "".join(f"\n{line}\n" for line in summary_lines(result))
     paths["md"].write_text((f"# {title}\n\n" if title else "") + table + "\n" + notes)
     plot_results(result["categories"], paths["png"], title)
@@ -117,11 +106,7 @@ def search_table(search: dict, every: int = 1) -> str:
 
 def plot_search(search: dict, latency: dict, path: Path, title: str = "") -> None:
     """Expected tokens/step, step latency and expected tokens/s against the tree size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curve = search["curve"]
     n = [r["num_nodes"] for r in curve]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -136,19 +121,12 @@ def plot_search(search: dict, latency: dict, path: Path, title: str = "") -> Non
     for ax in axes:
         ax.axvline(search["num_nodes"], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("tree nodes (root included)")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path, title)
 
 
 def write_search(output_dir: str | Path, result: dict, title: str = "") -> dict[str, Path]:
     """result: {"search": SearchResult.to_dict(), "latency": LatencyProfile.to_dict(), "accuracy": ...}."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / SEARCH_JSON, "md": out / SEARCH_MD, "png": out / SEARCH_PNG}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    paths = _write_json(output_dir, result, SEARCH_JSON, SEARCH_MD, SEARCH_PNG)
     s, acc = result["search"], result.get("accuracy")
     text = [f"# {title}" if title else "# Tree search", ""]
     if acc:
@@ -163,3 +141,32 @@ def write_search(output_dir: str | Path, result: dict, title: str = "") -> dict[
     paths["md"].write_text("\n".join(text) + "\n")
     plot_search(s, result["latency"], paths["png"], title)
     return paths
+
+
+# ---- shared by both reports ------------------------------------------------------------------------
+
+
+def _write_json(output_dir: str | Path, result: dict, json_name: str, md_name: str, png_name: str) -> dict[str, Path]:
+    """Create output_dir, write `result` as its json file; the paths of all three files."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / json_name, "md": out / md_name, "png": out / png_name}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    return paths
+
+
+def _pyplot():
+    import matplotlib  # imported on use: only the plots need it
+
+    matplotlib.use("Agg")  # files only, no display (runs on headless machines)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(plt, fig, path: Path, title: str) -> None:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -48,18 +48,15 @@ from medusa_train.draft.losses import (
 from medusa_train.draft.target_cache import build_target_cache, target_cache_key
 from medusa_train.draft.vocab import save_vocab_map
 from medusa_train.training.batching import global_batch
-from medusa_train.training.checkpoint import (
-    latest_checkpoint,
-    read_state,
-    save_checkpoint_dir,
-)
+from medusa_train.training.checkpoint import latest_checkpoint
 from medusa_train.training.head_batches import frequent_tokens
 from medusa_train.training.loop import (
-    NonFiniteLossError,  # noqa: F401  (raised by take_step; part of this recipe's interface)
+    NonFiniteLossError,  # noqa: F401  (raised by finish_step; part of this recipe's interface)
     micro_batch_rows,
-    take_step,
     tokenized_splits,
 )
+from medusa_train.training.progress import (OPTIMIZER_NAME, Progress, finish_step, keep_training, log_due,
+                                            periodic_eval_and_save, resume_progress, save_training_checkpoint)
 from medusa_train.training.run_dir import prepare_output_dir
 from medusa_train.training.setup import make_accelerator
 from medusa_train.training.tracking import init_tracking, tracker_name
@@ -79,8 +76,6 @@ def main(cfg: DictConfig) -> dict:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     prepare_output_dir(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, accelerator=accelerator)
-    if cfg.overwrite and not cfg.resume and accelerator.is_main_process:
-        shutil.rmtree(output_dir / DRAFT_DIR, ignore_errors=True)  # run_dir does not know this recipe's output
     init_tracking(accelerator, cfg)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
 
@@ -168,15 +163,12 @@ def main(cfg: DictConfig) -> dict:
     student_model, optimizer = accelerator.prepare(student, optimizer)
 
     # ---- resume -------------------------------------------------------------------------
-    step, skipped, history, losses = 0, 0, [], []
+    run = Progress()
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     if checkpoint is not None:
-        state = read_state(checkpoint)
         draft.load_state_dict(load_file(str(checkpoint / TRAINABLE_NAME)), strict=False)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        step, skipped, history, losses = state["step"], state["skipped_batches"], state["history"], state["losses"]
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
+        optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_NAME, weights_only=True))
+        run = resume_progress(checkpoint, scheduler, accelerator)
 
     def batch_inputs(indices: list[int], rows, labels):
         batch = collate([{"input_ids": rows[i], "labels": labels[i]} for i in indices], tokenizer.pad_token_id)
@@ -212,36 +204,29 @@ def main(cfg: DictConfig) -> dict:
         student.train()
         return result
 
-    def log_eval(result: dict, at: int) -> None:
-        history.append({"step": at, "eval": result})
+    def evaluate_and_log(at: int) -> None:
+        result = evaluate()
+        run.history.append({"step": at, "eval": result})
         accelerator.log({f"eval/{k}": v for k, v in result.items() if k != "tokens"}, step=at)
 
     def save(step_now: int) -> None:
-        if accelerator.is_main_process:
-            def write(folder: Path) -> None:
-                weights = {n: p.detach().cpu().contiguous() for n, p in draft.named_parameters() if p.requires_grad}
-                save_file(weights, str(folder / TRAINABLE_NAME))
-                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            save_checkpoint_dir(output_dir, step_now, write,
-                                {"skipped_batches": skipped, "history": history, "losses": losses},
-                                keep=cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        def write_weights(folder: Path) -> None:
+            weights = {n: p.detach().cpu().contiguous() for n, p in draft.named_parameters() if p.requires_grad}
+            save_file(weights, str(folder / TRAINABLE_NAME))
+        save_training_checkpoint(accelerator, output_dir, step_now, run.state(), optimizer, scheduler, write_weights,
+                                 keep=cfg.train.keep_checkpoints)
 
-    if not history:  # the built, untrained draft: the "before" of before/after
-        log_eval(evaluate(), 0)
-    untrained = history[0]["eval"]
+    if not run.history:  # the built, untrained draft: the "before" of before/after
+        evaluate_and_log(0)
+    untrained = run.history[0]["eval"]
 
     # ---- train --------------------------------------------------------------------------
     T = cfg.train.max_steps
-    train_time, train_tokens, steps_this_run = 0.0, 0, 0
-    bar = tqdm(total=T, initial=step, desc="draft", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=T, initial=run.step, desc="draft", disable=not accelerator.is_local_main_process)
     student_model.train()
-    while step < T:
-        if cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps:
-            break
+    while keep_training(run, cfg.train):
         t0 = time.time()
-        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, step, rank, world)
+        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, run.step, rank, world)
         # The global count of positions normalises every sum: any split over micro-batches
         # and processes gives the gradient of one big batch.
         count = sum(sum(int(next_token_mask(torch.tensor([train_labels[i]])).sum()) for i in r) for r in micro_rows)
@@ -265,41 +250,29 @@ def main(cfg: DictConfig) -> dict:
                 # DDP averages gradients over processes; the global normaliser already did.
                 accelerator.backward(loss_sum / count.clamp(min=1) * world)
             sums += torch.stack([loss_sum.detach(), (logits.detach().argmax(-1) == greedy).sum().float()])
-            train_tokens += int(keep.sum())
+            run.train_tokens += int(keep.sum())
         sums = accelerator.reduce(sums, reduction="sum")
         grad_norm = float(accelerator.clip_grad_norm_(student_model.parameters(), cfg.train.max_grad_norm))
         total_loss = float(sums[0] / count.clamp(min=1))
         agreement = float(sums[1] / count.clamp(min=1))
-        if take_step(total_loss, grad_norm, step, cfg.train.on_nan, output_dir, skipped):
-            optimizer.step()
-        else:
-            skipped += 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_run += 1
-        losses.append(round(total_loss, 5))
-        train_time += time.time() - t0
+        finish_step(run, total_loss, grad_norm, optimizer, scheduler, cfg.train.on_nan, output_dir, started=t0)
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss:.3f}", agree=f"{agreement:.3f}")
-        if step % cfg.train.log_every == 0 or step == T:
+        if log_due(run.step, cfg.train):
             accelerator.log({f"train/{d.loss}": total_loss, "train/top1_agreement": agreement,
                              "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                             "train/tokens_per_s": train_tokens / max(train_time, 1e-9)}, step=step)
-        if step % cfg.train.eval_every == 0 and step < T:
-            log_eval(evaluate(), step)
-        if step % cfg.train.save_every == 0 and step < T:
-            save(step)
+                             "train/tokens_per_s": run.tokens_per_s}, step=run.step)
+        periodic_eval_and_save(run.step, cfg.train, evaluate_and_log, save)
     bar.close()
 
-    if step < T:  # stopped early on purpose (stop_after_steps)
-        save(step)
+    if run.step < T:  # stopped early on purpose (stop_after_steps)
+        save(run.step)
         accelerator.end_training()
-        return {"stopped_at": step}
+        return {"stopped_at": run.step}
 
     # ---- final evaluation, save, summary ------------------------------------------------
-    log_eval(evaluate(), step)
-    final = history[-1]["eval"]
+    evaluate_and_log(run.step)
+    final = run.history[-1]["eval"]
     draft_dir = output_dir / DRAFT_DIR
     summary = {
         "recipe": cfg.recipe.name,
@@ -312,15 +285,15 @@ def main(cfg: DictConfig) -> dict:
         "temperature": d.temperature,
         "target_logits": d.target_logits,
         "truncated_vocab_size": None if vocab_map is None else len(vocab_map),
-        "steps": step,
+        "steps": run.step,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
-        "skipped_batches": skipped,
+        "skipped_batches": run.skipped,
         "time_s": round(time.time() - start_time, 1),
-        "train_loop_s_this_run": round(train_time, 1),
-        "s_per_step_this_run": round(train_time / max(steps_this_run, 1), 3),
-        "train_tokens_per_s_this_run": round(train_tokens * world / max(train_time, 1e-9), 1),
-        "train_loss": losses,
+        "train_loop_s_this_run": round(run.train_time, 1),
+        "s_per_step_this_run": round(run.train_time / max(run.steps_this_run, 1), 3),
+        "train_tokens_per_s_this_run": round(run.train_tokens * world / max(run.train_time, 1e-9), 1),
+        "train_loss": run.losses,
         "eval_untrained": untrained,
         "eval_final": final,
     }
@@ -329,7 +302,7 @@ def main(cfg: DictConfig) -> dict:
             summary["decode_step_ms"] = decode_step_ms(target, draft, vocab_map, vocab_size)
         save_draft(draft_dir, draft, target, tokenizer, vocab_map,
                    {"target": str(cfg.model.name_or_path), "built": describe, "loss": d.loss,
-                    "temperature": d.temperature, "steps": step})
+                    "temperature": d.temperature, "steps": run.step})
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary))
     accelerator.wait_for_everyone()

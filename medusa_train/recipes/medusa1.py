@@ -34,14 +34,7 @@ from medusa_train.data import collate
 from medusa_train.loss import IGNORE_INDEX, head_weights, medusa_loss, topk_correct
 from medusa_train.model import build_heads
 from medusa_train.training.batching import global_batch
-from medusa_train.training.checkpoint import (
-    begin_checkpoint,
-    checkpoint_tmp_dir,
-    finish_checkpoint,
-    latest_checkpoint,
-    read_state,
-    save_checkpoint_dir,
-)
+from medusa_train.training.checkpoint import latest_checkpoint
 from medusa_train.training.distributed import (
     ENGINE_DIR,
     begin_micro_batch,
@@ -58,19 +51,19 @@ from medusa_train.training.distributed import (
     loss_scale,
     no_sync,
     register_shared_weight,
-    save_engine_state,
     save_heads,
 )
 from medusa_train.training.head_batches import frequent_tokens, head_target_counts, pad_labels, selected_logits
 from medusa_train.training.head_eval import eval_metrics, evaluate_heads, format_summary
 from medusa_train.training.hidden_cache import build_hidden_cache, cache_key
 from medusa_train.training.loop import (
-    NonFiniteLossError,  # noqa: F401  (raised by take_step; part of this recipe's interface)
+    NonFiniteLossError,  # noqa: F401  (raised by finish_step; part of this recipe's interface)
     micro_batch_rows,
     restore_heads,
-    take_step,
     tokenized_splits,
 )
+from medusa_train.training.progress import (OPTIMIZER_NAME, Progress, finish_step, keep_training, log_due,
+                                            periodic_eval_and_save, resume_progress, save_training_checkpoint)
 from medusa_train.training.run_dir import prepare_output_dir
 from medusa_train.training.setup import make_accelerator
 from medusa_train.training.tracking import init_tracking, tracker_name
@@ -162,66 +155,42 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
         return hidden.to(accelerator.device, dtype), batch["labels"].to(accelerator.device)  # (B, T, H), (B, T)
 
     # ---- resume -------------------------------------------------------------------------
-    step, skipped, history, losses = 0, 0, [], []
+    run = Progress()
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     if checkpoint is not None:
-        state = read_state(checkpoint)
         if is_deepspeed(accelerator):  # heads and this process's optimizer shard
             load_engine_state(accelerator, checkpoint / ENGINE_DIR)
         else:
             restore_heads(heads, checkpoint / "heads")
-            optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        step, skipped, history, losses = state["step"], state["skipped_batches"], state["history"], state["losses"]
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
+            optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_NAME, weights_only=True))
+        run = resume_progress(checkpoint, scheduler, accelerator)
 
-    def evaluate() -> dict:
-        return evaluate_heads(heads, lm_head, eval_rows, eval_labels, eval_cache,
-                              batch_hidden, cfg.train.micro_batch_size, accelerator, equal_forwards=zero3)
+    def evaluate_and_log(at: int) -> dict:
+        result = evaluate_heads(heads, lm_head, eval_rows, eval_labels, eval_cache,
+                                batch_hidden, cfg.train.micro_batch_size, accelerator, equal_forwards=zero3)
+        run.history.append({"step": at, "eval": result})
+        accelerator.log(eval_metrics(result), step=at)
+        heads_model.train()  # evaluate_heads left the heads in eval mode
+        return result
 
     def save(step_now: int) -> None:
-        if is_deepspeed(accelerator):
-            save_deepspeed(step_now)
-            return
-        if accelerator.is_main_process:
-            def write(folder: Path) -> None:
-                accelerator.unwrap_model(heads_model).save_pretrained(folder / "heads")
-                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            save_checkpoint_dir(output_dir, step_now, write,
-                                {"skipped_batches": skipped, "history": history, "losses": losses},
-                                keep=cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        save_training_checkpoint(
+            accelerator, output_dir, step_now, run.state(), optimizer, scheduler,
+            write_weights=lambda folder: accelerator.unwrap_model(heads_model).save_pretrained(folder / "heads"),
+            keep=cfg.train.keep_checkpoints, heads=heads)
 
-    def save_deepspeed(step_now: int) -> None:
-        """Every process writes its optimizer shard; the main one the gathered heads and the rest."""
-        if accelerator.is_main_process:
-            begin_checkpoint(output_dir, step_now)
-        accelerator.wait_for_everyone()
-        tmp = checkpoint_tmp_dir(output_dir, step_now)
-        save_engine_state(accelerator, tmp / ENGINE_DIR)
-        save_heads(accelerator, heads, tmp / "heads")
-        if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            finish_checkpoint(output_dir, step_now, tmp, {"skipped_batches": skipped, "history": history,
-                                                          "losses": losses}, keep=cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
-    untrained = history[0]["eval"] if history else None
-    if untrained is None:
-        untrained = evaluate()
-        history.append({"step": 0, "eval": untrained})
-        accelerator.log(eval_metrics(untrained), step=0)
+    if not run.history:  # the untrained heads: the "before" of before/after
+        evaluate_and_log(0)
+    untrained = run.history[0]["eval"]
 
     # ---- train --------------------------------------------------------------------------
-    train_time, train_tokens, steps_this_run = 0.0, 0, 0
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="medusa1", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="medusa1",
+               disable=not accelerator.is_local_main_process)
     heads_model.train()
-    while step < cfg.train.max_steps:
-        if cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps:
-            break
+    while keep_training(run, cfg.train):
         t0 = time.time()
-        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, step, accelerator.process_index, world)
+        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, run.step, accelerator.process_index,
+                                      world)
         micro_labels = [pad_labels([train_labels[i] for i in r]) for r in micro_rows]
         # Normalise by the global batch's target count per head so that any split over
         # micro-batches and processes gives the same gradient as one big batch.
@@ -241,68 +210,51 @@ def main(cfg: DictConfig, end_training: bool = True) -> dict:
                 accelerator.backward(loss * loss_scale(accelerator, accum))
             ce_sums += ce
             hits += topk_correct(logits.detach(), targets, ks=(1,))[1]
-            train_tokens += int((labels != IGNORE_INDEX).sum())
+            run.train_tokens += int((labels != IGNORE_INDEX).sum())
         ce_sums = accelerator.reduce(ce_sums, reduction="sum")
         hits = accelerator.reduce(hits, reduction="sum")
         end_step(accelerator)
         # DeepSpeed clipped inside its step (gradient_clipping) and reports the norm here.
         grad_norm = grad_norm_value(accelerator.clip_grad_norm_(heads_model.parameters(), cfg.train.max_grad_norm))
         total_loss = float((ce_sums / counts.clamp(min=1) * ce_sums.new_tensor(weights)).sum())
-        if take_step(total_loss, grad_norm, step, cfg.train.on_nan, output_dir, skipped):
-            optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward
-        else:
-            skipped += 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_run += 1
-        losses.append(round(total_loss, 5))
-        train_time += time.time() - t0
+        finish_step(run, total_loss, grad_norm, optimizer, scheduler, cfg.train.on_nan, output_dir, started=t0)
         per_head = (ce_sums / counts.clamp(min=1)).tolist()
         top1 = (hits / counts.clamp(min=1)).tolist()
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss:.3f}", head1_top1=f"{top1[0]:.3f}")
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+        if log_due(run.step, cfg.train):
             metrics = {"train/loss": total_loss, "train/lr": scheduler.get_last_lr()[0],
-                       "train/grad_norm": grad_norm, "train/tokens_per_s": train_tokens / max(train_time, 1e-9)}
+                       "train/grad_norm": grad_norm, "train/tokens_per_s": run.tokens_per_s}
             for k in range(K):
                 metrics[f"train/head{k + 1}/loss"] = per_head[k]
                 metrics[f"train/head{k + 1}/top1"] = top1[k]
-            accelerator.log(metrics, step=step)
-        if step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            result = evaluate()
-            history.append({"step": step, "eval": result})
-            accelerator.log(eval_metrics(result), step=step)
-            heads_model.train()
-        if step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-            save(step)
+            accelerator.log(metrics, step=run.step)
+        periodic_eval_and_save(run.step, cfg.train, evaluate_and_log, save)
     bar.close()
 
-    if step < cfg.train.max_steps:  # stopped early on purpose (stop_after_steps)
-        save(step)
+    if run.step < cfg.train.max_steps:  # stopped early on purpose (stop_after_steps)
+        save(run.step)
         if end_training:
             accelerator.end_training()
-        return {"stopped_at": step}
+        return {"stopped_at": run.step}
 
     # ---- final evaluation, save, summary ------------------------------------------------
-    final = evaluate()
-    history.append({"step": step, "eval": final})
-    accelerator.log(eval_metrics(final), step=step)
+    final = evaluate_and_log(run.step)
     heads_dir = output_dir / "heads"
     summary = {
         "recipe": cfg.recipe.name,
         "base_model": str(cfg.model.name_or_path),
         "heads_dir": str(heads_dir),
         "num_heads": K,
-        "steps": step,
+        "steps": run.step,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "hidden_cache": bool(cfg.train.hidden_cache),
-        "skipped_batches": skipped,
+        "skipped_batches": run.skipped,
         "time_s": round(time.time() - start_time, 1),
-        "train_loop_s_this_run": round(train_time, 1),
-        "train_tokens_per_s_this_run": round(train_tokens * world / max(train_time, 1e-9), 1),
-        "train_loss": losses,
+        "train_loop_s_this_run": round(run.train_time, 1),
+        "train_tokens_per_s_this_run": round(run.train_tokens * world / max(run.train_time, 1e-9), 1),
+        "train_loss": run.losses,
         "eval_untrained": untrained,
         "eval_final": final,
     }

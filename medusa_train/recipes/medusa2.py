@@ -64,14 +64,7 @@ from medusa_train.loss import (
 from medusa_train.model import MedusaModel
 from medusa_train.recipes import medusa1
 from medusa_train.schedules import ramp_fraction, schedule_value
-from medusa_train.training.checkpoint import (
-    begin_checkpoint,
-    checkpoint_tmp_dir,
-    finish_checkpoint,
-    latest_checkpoint,
-    read_state,
-    save_checkpoint_dir,
-)
+from medusa_train.training.checkpoint import latest_checkpoint, read_state
 from medusa_train.training.distributed import (
     ENGINE_DIR,
     begin_micro_batch,
@@ -86,7 +79,6 @@ from medusa_train.training.distributed import (
     loss_scale,
     no_sync,
     register_shared_weight,
-    save_engine_state,
     save_heads,
 )
 from medusa_train.training.head_batches import head_target_counts, pad_labels
@@ -95,7 +87,6 @@ from medusa_train.training.loop import (
     NonFiniteLossError,  # noqa: F401  (raised here: medusa2.NonFiniteLossError)
     micro_batch_rows,
     restore_heads,
-    take_step,
     tokenized_splits,
 )
 from medusa_train.training.lora import (
@@ -107,6 +98,8 @@ from medusa_train.training.lora import (
     save_backbone,
     trainable_state,
 )
+from medusa_train.training.progress import (OPTIMIZER_NAME, Progress, finish_step, keep_training, log_due,
+                                            periodic_eval_and_save, resume_progress, save_training_checkpoint)
 from medusa_train.training.run_dir import prepare_output_dir
 from medusa_train.training.setup import make_accelerator
 from medusa_train.training.tracking import init_tracking, tracker_name
@@ -209,20 +202,17 @@ def main(cfg: DictConfig) -> dict:
         register_shared_weight(accelerator, heads, base.get_output_embeddings().weight)
 
     # ---- resume -------------------------------------------------------------------------
-    step, skipped, history, losses, backbone_losses = 0, 0, [], [], []
+    run, backbone_losses = Progress(), []
     checkpoint = latest_checkpoint(output_dir) if cfg.resume else None
     if checkpoint is not None:
-        state = read_state(checkpoint)
         if is_deepspeed(accelerator):  # heads, adapter and this process's optimizer shard
             load_engine_state(accelerator, checkpoint / ENGINE_DIR)
         else:
             restore_heads(heads, checkpoint / "heads")
             load_trainable_state(base, load_file(str(checkpoint / TRAINABLE_NAME)))  # copied onto the model's device
-            optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        step, skipped, history = state["step"], state["skipped_batches"], state["history"]
-        losses, backbone_losses = state["losses"], state["backbone_losses"]
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
+            optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_NAME, weights_only=True))
+        run = resume_progress(checkpoint, scheduler, accelerator)
+        backbone_losses = read_state(checkpoint)["backbone_losses"]
 
     def batch_hidden(indices: list[int], rows, labels, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, H) hidden states of the backbone as it is now, (B, T) labels."""
@@ -232,7 +222,7 @@ def main(cfg: DictConfig) -> dict:
                                         attention_mask=batch["attention_mask"].to(device)).last_hidden_state
         return hidden, batch["labels"].to(device)  # (B, T, H), (B, T)
 
-    def evaluate() -> dict:
+    def evaluate_and_log(at: int) -> None:
         joint.eval()
         result = {
             "heads": evaluate_heads(heads, base.get_output_embeddings(), eval_rows, eval_labels, None, batch_hidden,
@@ -241,61 +231,32 @@ def main(cfg: DictConfig) -> dict:
                                           tokenizer.pad_token_id, accelerator),
         }
         joint.train()
-        return result
-
-    def log_eval(result: dict, at: int) -> None:
-        history.append({"step": at, "eval": result["heads"], "backbone": result["backbone"]})
+        run.history.append({"step": at, "eval": result["heads"], "backbone": result["backbone"]})
         accelerator.log({**eval_metrics(result["heads"]),
                          **{f"eval/backbone/{k}": v for k, v in result["backbone"].items()}}, step=at)
 
     def save(step_now: int) -> None:
-        if is_deepspeed(accelerator):
-            save_deepspeed(step_now)
-            return
-        if accelerator.is_main_process:
-            def write(folder: Path) -> None:
-                heads.save_pretrained(folder / "heads")
-                save_file(trainable_state(base), str(folder / TRAINABLE_NAME))
-                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            save_checkpoint_dir(output_dir, step_now, write,
-                                {"skipped_batches": skipped, "history": history, "losses": losses,
-                                 "backbone_losses": backbone_losses},
-                                keep=cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        def write_weights(folder: Path) -> None:  # the plain path's; DeepSpeed's engine state holds the adapter
+            heads.save_pretrained(folder / "heads")
+            save_file(trainable_state(base), str(folder / TRAINABLE_NAME))
+        save_training_checkpoint(accelerator, output_dir, step_now, {**run.state(), "backbone_losses": backbone_losses},
+                                 optimizer, scheduler, write_weights, keep=cfg.train.keep_checkpoints, heads=heads)
 
-    def save_deepspeed(step_now: int) -> None:
-        """Every process writes its optimizer shard; the main one the gathered heads and the rest."""
-        if accelerator.is_main_process:
-            begin_checkpoint(output_dir, step_now)
-        accelerator.wait_for_everyone()
-        tmp = checkpoint_tmp_dir(output_dir, step_now)
-        save_engine_state(accelerator, tmp / ENGINE_DIR)
-        save_heads(accelerator, heads, tmp / "heads")
-        if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            finish_checkpoint(output_dir, step_now, tmp,
-                              {"skipped_batches": skipped, "history": history, "losses": losses,
-                               "backbone_losses": backbone_losses}, keep=cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
-    if not history:
-        log_eval(evaluate(), 0)
-    untrained = history[0]
+    if not run.history:
+        evaluate_and_log(0)
+    untrained = run.history[0]
 
     # ---- train --------------------------------------------------------------------------
     micro, accum, T = cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps
-    train_time, train_tokens, steps_this_run = 0.0, 0, 0
-    bar = tqdm(total=T, initial=step, desc="medusa2 stage 2", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=T, initial=run.step, desc="medusa2 stage 2", disable=not accelerator.is_local_main_process)
     joint_model.train()
-    while step < T:
-        if cfg.train.stop_after_steps is not None and steps_this_run >= cfg.train.stop_after_steps:
-            break
+    while keep_training(run, cfg.train):
         t0 = time.time()
-        torch.manual_seed(cfg.seed + step)  # LoRA dropout masks depend on the step alone: a resumed run draws the same
-        heads_lambda = m2.heads_coefficient * schedule_value(m2.schedule, step, T)
+        # LoRA dropout masks depend on the step alone: a resumed run draws the same.
+        torch.manual_seed(cfg.seed + run.step)
+        heads_lambda = m2.heads_coefficient * schedule_value(m2.schedule, run.step, T)
         weights = [heads_lambda * w for w in head_weights(K, cfg.train.decay)]
-        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, step, rank, world)
+        micro_rows = micro_batch_rows(len(train_rows), micro, accum, cfg.seed, run.step, rank, world)
         micro_labels = [pad_labels([train_labels[i] for i in r]) for r in micro_rows]
         # Global target counts (backbone, then each head) normalise every sum, so any split
         # over micro-batches and processes gives the gradient of one big batch.
@@ -326,7 +287,7 @@ def main(cfg: DictConfig) -> dict:
                 accelerator.backward(loss * loss_scale(accelerator, accum))
             sums += torch.cat([backbone_sum.detach().view(1), ce])
             hits += topk_correct(head_logits.detach(), targets, ks=(1,))[1]
-            train_tokens += int((labels != IGNORE_INDEX).sum())
+            run.train_tokens += int((labels != IGNORE_INDEX).sum())
         sums = accelerator.reduce(sums, reduction="sum")
         hits = accelerator.reduce(hits, reduction="sum")
         end_step(accelerator)
@@ -334,43 +295,31 @@ def main(cfg: DictConfig) -> dict:
         grad_norm = grad_norm_value(accelerator.clip_grad_norm_(joint_model.parameters(), cfg.train.max_grad_norm))
         per_target = (sums / counts.clamp(min=1)).tolist()  # backbone loss, then each head's CE
         total_loss = per_target[0] + sum(w * ce for w, ce in zip(weights, per_target[1:]))
-        if take_step(total_loss, grad_norm, step, cfg.train.on_nan, output_dir, skipped):
-            optimizer.step()  # under DeepSpeed a no-op: the engine stepped in backward
-        else:
-            skipped += 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_this_run += 1
-        losses.append(round(total_loss, 5))
+        finish_step(run, total_loss, grad_norm, optimizer, scheduler, cfg.train.on_nan, output_dir, started=t0)
         backbone_losses.append(round(per_target[0], 6))
-        train_time += time.time() - t0
         top1 = (hits / counts[1:].clamp(min=1)).tolist()
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss:.3f}", backbone=f"{per_target[0]:.4f}", head1_top1=f"{top1[0]:.3f}")
-        if step % cfg.train.log_every == 0 or step == T:
+        if log_due(run.step, cfg.train):
             lrs = scheduler.get_last_lr()
             metrics = {"train/loss": total_loss, f"train/backbone/{kind}": per_target[0],
                        "train/heads_lambda": heads_lambda, "train/lr": lrs[0], "train/lr_heads": lrs[1],
-                       "train/grad_norm": grad_norm, "train/tokens_per_s": train_tokens / max(train_time, 1e-9)}
+                       "train/grad_norm": grad_norm, "train/tokens_per_s": run.tokens_per_s}
             for k in range(K):
                 metrics[f"train/head{k + 1}/loss"] = per_target[1 + k]
                 metrics[f"train/head{k + 1}/top1"] = top1[k]
-            accelerator.log(metrics, step=step)
-        if step % cfg.train.eval_every == 0 and step < T:
-            log_eval(evaluate(), step)
-        if step % cfg.train.save_every == 0 and step < T:
-            save(step)
+            accelerator.log(metrics, step=run.step)
+        periodic_eval_and_save(run.step, cfg.train, evaluate_and_log, save)
     bar.close()
 
-    if step < T:  # stopped early on purpose (stop_after_steps)
-        save(step)
+    if run.step < T:  # stopped early on purpose (stop_after_steps)
+        save(run.step)
         accelerator.end_training()
-        return {"stopped_at": step, "stage1": stage1}
+        return {"stopped_at": run.step, "stage1": stage1}
 
     # ---- final evaluation, save, summary ------------------------------------------------
-    log_eval(evaluate(), step)
-    final = history[-1]
+    evaluate_and_log(run.step)
+    final = run.history[-1]
     heads_dir, backbone_dir = output_dir / "heads", output_dir / BACKBONE_DIR
     summary = {
         "recipe": cfg.recipe.name,
@@ -387,15 +336,15 @@ def main(cfg: DictConfig) -> dict:
         "heads_coefficient": m2.heads_coefficient,
         "schedule": m2.schedule,
         "head_lr_multiplier": m2.head_lr_multiplier,
-        "steps": step,
+        "steps": run.step,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "hidden_cache": False,
-        "skipped_batches": skipped,
+        "skipped_batches": run.skipped,
         "time_s": round(time.time() - start_time, 1),
-        "train_loop_s_this_run": round(train_time, 1),
-        "train_tokens_per_s_this_run": round(train_tokens * world / max(train_time, 1e-9), 1),
-        "train_loss": losses,
+        "train_loop_s_this_run": round(run.train_time, 1),
+        "train_tokens_per_s_this_run": round(run.train_tokens * world / max(run.train_time, 1e-9), 1),
+        "train_loss": run.losses,
         "backbone_loss": backbone_losses,
         "eval_untrained": untrained["eval"],
         "eval_final": final["eval"],

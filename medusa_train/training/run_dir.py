@@ -7,7 +7,10 @@ from pathlib import Path
 
 from medusa_train.training.checkpoint import list_checkpoints
 
-RUN_ARTEFACTS = ("heads", "backbone", "train_summary.json")
+# What a finished run leaves besides its checkpoints (medusa1/medusa2: heads, backbone;
+# draft: draft). Caches (hidden_cache, target_cache) are not listed: their keys make them
+# safe to reuse, and rebuilding them is the slow part of a rerun.
+RUN_ARTEFACTS = ("heads", "backbone", "draft", "train_summary.json")
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, accelerator) -> None:

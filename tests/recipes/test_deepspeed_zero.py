@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +20,8 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import DistributedType
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from medusa_train.config import register_configs
 from medusa_train.heads import MedusaHeads, MedusaHeadsConfig
 from medusa_train.recipes import medusa1, medusa2
 from medusa_train.training.checkpoint import latest_checkpoint, read_state, save_checkpoint_dir
@@ -36,11 +33,8 @@ from medusa_train.training.distributed import (
     save_heads,
     zero_stage,
 )
-from medusa_train.training.hidden_cache import _batches
-
-ROOT = Path(__file__).resolve().parents[2]
-register_configs()
-WORDS = "the cat sat on a mat and then the dog ran to the park with a red ball".split()
+from medusa_train.training.row_shards import length_batches
+from tests.recipes.recipe_helpers import ROOT, compose_config, free_port, run_overrides, write_counting_chats
 
 
 def fake_accelerator(kind=DistributedType.NO, processes=1, stage=None):
@@ -91,7 +85,7 @@ def test_checkpoint_in_two_phases_is_a_checkpoint(tmp_path):
 
 def test_hidden_cache_batches_cover_every_row_once():
     lengths = [5, 90, 30, 30, 7, 64, 1]
-    batches = _batches(lengths, batch_tokens=100)
+    batches = length_batches(lengths, batch_tokens=100)
     assert sorted(j for b in batches for j in b) == list(range(len(lengths)))
     assert all(max(lengths[j] for j in b) * len(b) <= 100 or len(b) == 1 for b in batches)
 
@@ -108,25 +102,13 @@ def test_cli_takes_a_recipe_file_instead_of_plus_recipe():
 
 @pytest.fixture(scope="module")
 def ds_chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ds_data") / "chat.jsonl"
-    with open(path, "w") as f:
-        for i in range(48):
-            answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the words from {i}."},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_counting_chats(tmp_path_factory.mktemp("ds_data") / "chat.jsonl", rows=48, words=40)
 
 
 def cpu_config(name: str, tmp_path: Path) -> Path:
     """The repo's accelerate config, resized for 2 CPU processes in fp32."""
     config = yaml.safe_load((ROOT / "recipes/accelerate_configs" / name).read_text())
-    config.update(num_processes=2, mixed_precision="no", main_process_ip="127.0.0.1", main_process_port=_free_port())
+    config.update(num_processes=2, mixed_precision="no", main_process_ip="127.0.0.1", main_process_port=free_port())
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
@@ -142,16 +124,15 @@ def launch(config: Path, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def run_plain(args: list[str]) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args)
+    cfg = compose_config(args)
     return {"medusa1": medusa1, "medusa2": medusa2}[cfg.recipe.name].main(cfg)
 
 
 def medusa1_args(model_dir, data_file, out, *extra):
-    return ["+recipe=medusa1", f"model.name_or_path={model_dir}", f"data.sources=[{data_file}]", f"output_dir={out}",
-            "logger=none", "data.max_length=96", "data.eval_fraction=0.2", "train.max_steps=6", "train.warmup_steps=2",
-            "train.lr=3e-3", "train.eval_every=3", "train.save_every=4", "train.log_every=1", "heads.num_heads=2",
-            "train.hidden_cache_dtype=float32", "train.grad_accum_steps=2", *extra]
+    return [*run_overrides("medusa1", model_dir, data_file, out), "data.max_length=96", "data.eval_fraction=0.2",
+            "train.max_steps=6", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_every=3", "train.save_every=4",
+            "train.log_every=1", "heads.num_heads=2", "train.hidden_cache_dtype=float32", "train.grad_accum_steps=2",
+            *extra]
 
 
 def assert_same_run(one: Path, two: Path, loss_key="train_loss"):

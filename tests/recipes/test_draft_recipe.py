@@ -7,29 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from medusa_train.config import register_configs
 from medusa_train.draft.vocab import load_vocab_map
 from medusa_train.recipes import draft as draft_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
-register_configs()
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "with", "a", "red", "ball"]
+from tests.recipes.recipe_helpers import compose_config, run_overrides, write_counting_chats
 
 
 @pytest.fixture(scope="module")
 def draft_chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("draft_data") / "chat.jsonl"
-    with open(path, "w") as f:
-        for i in range(48):
-            answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(30))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the words from {i}."},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
-    return path
+    return write_counting_chats(tmp_path_factory.mktemp("draft_data") / "chat.jsonl", rows=48, words=30)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +47,7 @@ def target_dir(tmp_path_factory, smol_tokenizer):
 
 def overrides(model_dir, data_file, out, *extra):
     return [
-        "+recipe=draft", f"model.name_or_path={model_dir}", f"data.sources=[{data_file}]",
-        f"output_dir={out}", "logger=none", "data.max_length=80", "data.eval_fraction=0.2",
+        *run_overrides("draft", model_dir, data_file, out), "data.max_length=80", "data.eval_fraction=0.2",
         "train.micro_batch_size=4", "train.max_steps=8", "train.warmup_steps=1", "train.lr=1e-2",
         "train.eval_every=1000", "train.save_every=4", "train.log_every=1", "draft.layers=[0,3]",
         "draft.measure_latency=false", "draft.cache_dtype=float32", *extra,
@@ -68,9 +55,7 @@ def overrides(model_dir, data_file, out, *extra):
 
 
 def run(args):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args)
-    return draft_recipe.main(cfg)
+    return draft_recipe.main(compose_config(args))
 
 
 def test_distillation_raises_agreement_and_saves_an_hf_folder(target_dir, draft_chat_file, tmp_path):

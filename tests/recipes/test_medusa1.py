@@ -12,34 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from medusa_train.config import register_configs
 from medusa_train.recipes import medusa1
-
-ROOT = Path(__file__).resolve().parents[2]
-register_configs()
-
-WORDS = "the cat sat on a mat and then the dog ran to the park with a red ball".split()
+from tests.recipes.recipe_helpers import ROOT, compose_config, free_port, run_overrides, write_counting_chats
 
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    """Conversations whose answers follow a learnable pattern (counting words in a cycle)."""
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    with open(path, "w") as f:
-        for i in range(48):
-            answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(40))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the words from {i}."},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
-    return path
+    return write_counting_chats(tmp_path_factory.mktemp("data") / "chat.jsonl", rows=48, words=40)
 
 
 def overrides(model_dir, data_file, out, *extra):
     return [
-        "+recipe=medusa1", f"model.name_or_path={model_dir}", f"data.sources=[{data_file}]",
-        f"output_dir={out}", "logger=none", "data.max_length=96", "data.eval_fraction=0.2",
+        *run_overrides("medusa1", model_dir, data_file, out), "data.max_length=96", "data.eval_fraction=0.2",
         "train.micro_batch_size=4", "train.max_steps=12", "train.warmup_steps=2", "train.lr=3e-3",
         "train.eval_every=1000", "train.save_every=4", "train.log_every=1", "heads.num_heads=2",
         "heads.truncated_vocab_size=null", *extra,
@@ -47,9 +33,7 @@ def overrides(model_dir, data_file, out, *extra):
 
 
 def run_in_process(args):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args)
-    return medusa1.main(cfg)
+    return medusa1.main(compose_config(args))
 
 
 def heads_weights(run_dir: Path) -> dict:
@@ -129,14 +113,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, chat_file, 
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, chat_file, tmp_path):
     common = ["train.max_steps=6", "train.hidden_cache_dtype=float32"]
     one = _cli(overrides(tiny_model_dir, chat_file, tmp_path / "one", "train.micro_batch_size=4", *common))
@@ -145,7 +121,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, chat
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "recipes/accelerate_configs/cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+         str(ROOT / "recipes/accelerate_configs/cpu_ddp.yaml"), "--main_process_port", str(free_port()),
          "-m", "medusa_train", *overrides(tiny_model_dir, chat_file, tmp_path / "two", "train.micro_batch_size=2", *common)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -14,19 +14,14 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from medusa_train.config import register_configs
 from medusa_train.heads import MedusaHeads
 from medusa_train.model import MedusaModel, build_heads
 from medusa_train.recipes import medusa2
 from medusa_train.training.lora import add_lora, backbone_dir_for, load_backbone
 from tests.conftest import tiny_model
+from tests.recipes.recipe_helpers import ROOT, compose_config, run_overrides, write_counting_chats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-ROOT = Path(__file__).resolve().parents[2]
-register_configs()
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "the", "dog", "ran", "to", "the", "park", "with", "a", "red", "ball"]
 
 
 # ---- LoRA mechanics and loss pieces (no recipe) ------------------------------------------------
@@ -113,20 +108,12 @@ def test_backbone_loss_auto_detects_self_distilled_data(tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    """Conversations whose answers follow a learnable pattern (counting words in a cycle)."""
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    with open(path, "w") as f:
-        for i in range(40):
-            answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(30))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the words from {i}."},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
-    return path
+    return write_counting_chats(tmp_path_factory.mktemp("data") / "chat.jsonl", rows=40, words=30)
 
 
 def overrides(model_dir, data_file, out, *extra):
     return [
-        "+recipe=medusa2", f"model.name_or_path={model_dir}", f"data.sources=[{data_file}]",
-        f"output_dir={out}", "logger=none", "data.max_length=80", "data.eval_fraction=0.1",
+        *run_overrides("medusa2", model_dir, data_file, out), "data.max_length=80", "data.eval_fraction=0.1",
         "train.micro_batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.lr=1e-3",
         "train.eval_every=1000", "train.save_every=1000", "train.log_every=1", "heads.num_heads=2",
         "heads.truncated_vocab_size=null", "medusa2.lora_r=4", "medusa2.lora_alpha=8", *extra,
@@ -135,8 +122,7 @@ def overrides(model_dir, data_file, out, *extra):
 
 def run_in_process(args, record: list | None = None):
     """Run the recipe; `record` receives the live (backbone + heads) model it trained."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args)
+    cfg = compose_config(args)
     with pytest.MonkeyPatch.context() as mp:
         if record is not None:
             class Recorded(medusa2.SelectedLogits):
