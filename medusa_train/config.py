@@ -126,6 +126,9 @@ class Medusa2Config:
     data_is_self_distilled: bool = False
     # auto: the LoRA adapter (lora) or the whole model (full); merged: LoRA merged into the base.
     save: str = "auto"  # auto | adapter | merged
+    # The end-of-run check (KL loss): warn when the tuned model's greedy next token matches the
+    # original's at fewer than this fraction of held-out answer tokens.
+    min_agreement: float = 0.95
 
 
 @dataclass

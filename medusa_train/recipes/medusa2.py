@@ -336,6 +336,7 @@ def main(cfg: DictConfig) -> dict:
         "heads_coefficient": m2.heads_coefficient,
         "schedule": m2.schedule,
         "head_lr_multiplier": m2.head_lr_multiplier,
+        "min_agreement": m2.min_agreement,
         "steps": run.step,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
@@ -495,6 +496,12 @@ def format_backbone_summary(s: dict) -> str:
     if "top1_agreement" in f:
         lines.append(f"greedy agreement with the original model {f['top1_agreement']:.3f}, "
                      f"KL(original || tuned) {f['kl_to_original']:.5f} nats/token")
+        if f["top1_agreement"] < s["min_agreement"]:
+            # The heads' gradient pulls the backbone away from the original; its weight sets how far.
+            lines.append(f"WARNING: greedy agreement {f['top1_agreement']:.3f} is below medusa2.min_agreement "
+                         f"{s['min_agreement']}: the tuned model's answers differ from the original's. A lower "
+                         f"medusa2.heads_coefficient (now {s['heads_coefficient']}) keeps it closer (eval/README.md, "
+                         "Medusa-2 results)")
     return "\n".join(lines)
 
 
@@ -560,6 +567,7 @@ def check_config(cfg: DictConfig) -> None:
         ("head_lr_multiplier > 0", m2.head_lr_multiplier > 0),
         ("heads_coefficient >= 0", m2.heads_coefficient >= 0),
         ("lora_r >= 1", m2.lora_r >= 1),
+        ("0 <= min_agreement <= 1", 0 <= m2.min_agreement <= 1),
     ] if not ok]
     if problems:
         raise ValueError(f"medusa2 settings out of range: need {', '.join(problems)}")

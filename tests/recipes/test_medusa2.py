@@ -180,6 +180,11 @@ def test_stage2_alone_from_saved_heads_with_kl_on_self_distilled_data_and_merged
     assert summary["stage1"] is None and summary["backbone_loss_kind"] == "kl"
     assert summary["backbone_loss"][0] == 0.0  # KL at step 0: the adapter starts as a no-op
     assert summary["backbone_loss"][-1] > 0.0
+    assert summary["min_agreement"] == 0.95 and "top1_agreement" in summary["backbone_eval_final"]
+    moved = {**summary, "backbone_eval_final": {**summary["backbone_eval_final"], "top1_agreement": 0.9}}
+    assert "WARNING: greedy agreement 0.900 is below medusa2.min_agreement 0.95" in medusa2.format_backbone_summary(moved)
+    kept = {**moved, "min_agreement": 0.85}
+    assert "WARNING" not in medusa2.format_backbone_summary(kept)
     assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "stage1").exists()
     assert_loads_back_as_trained(tmp_path / "run", tiny_model_dir, live[-1])
