@@ -37,9 +37,9 @@ def summary_lines(result: dict) -> list[str]:
     lines = []
     overall = result["categories"]["overall"]
     tree = result.get("tree")
-    if tree:
-        lines.append(f"Tree: {tree['num_nodes']} nodes ({tree['source']}): `{json.dumps(tree['choices'])}`")
-        if "expected_accept_length" in tree and "medusa" in overall:
+    if tree and "medusa" in overall:  # the plain `medusa` method's tree; `medusa:<name>` names its own
+        lines.append(f"Tree of `medusa`: {tree['num_nodes']} nodes ({tree['source']}): `{json.dumps(tree['choices'])}`")
+        if "expected_accept_length" in tree:
             lines.append(f"Expected tokens/step from head accuracy: {tree['expected_accept_length']:.2f} "
                          f"(per depth {tree['expected_accept_rate_at_depth']}); measured tau {overall['medusa']['tau']:.2f} "
                          f"(per depth {overall['medusa'].get('accept_rate_at_depth')})")

@@ -69,3 +69,14 @@ def test_write_search(tmp_path):
     assert "| 1 | 0.600 | 0.800 | 0.800 |" in md
     assert json.loads(paths["json"].read_text())["search"]["choices"] == [[0]]
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_names_the_plain_medusa_tree_only_when_that_method_ran():
+    from medusa_train.eval.report import summary_lines
+
+    tree = {"num_nodes": 3, "source": "heads", "choices": [[0], [1]]}
+    row = {"tau": 1.5, "tokens_per_s": 10.0, "speedup": 1.1, "identical": 1, "prompts": 1}
+    named_only = summary_lines({"tree": tree, "categories": {"overall": {"medusa:mc_sim_7b_63": row}}})
+    assert not any("Tree" in line for line in named_only)  # that method decoded with its named tree
+    plain = summary_lines({"tree": tree, "categories": {"overall": {"medusa": row}}})
+    assert plain == ["Tree of `medusa`: 3 nodes (heads): `[[0], [1]]`"]
