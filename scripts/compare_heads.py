@@ -13,9 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def train_unless_saved(overrides: list[str], run_dir: Path, threads: int = 1) -> None:
+    """`python -m medusa_train <overrides>` into run_dir, unless its heads are already there
+    (a comparison that was interrupted goes on where it stopped)."""
+    if (run_dir / "heads" / "medusa_heads.safetensors").is_file():
+        return
+    cmd = [sys.executable, "-m", "medusa_train", f"output_dir={run_dir}", "logger=none", *overrides]  # overrides win
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True)
 
 
 def measure_heads(heads: Path, questions: int = 16, max_new_tokens: int = 128, tree: str = "mc_sim_7b_63",

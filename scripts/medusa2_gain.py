@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_heads import measure_heads, table as heads_table  # noqa: E402
+from compare_heads import measure_heads, table as heads_table, train_unless_saved  # noqa: E402
 
 
 def main() -> None:
@@ -64,14 +62,10 @@ def main() -> None:
             "+recipe=medusa2", data, "medusa2.stages=[2]", f"medusa2.stage1_heads={args.out / stage1 / 'heads'}",
             f"train.max_steps={s2}", f"train.warmup_steps={args.stage2_warmup}", *args.stage2_extra, *overrides]
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     results = {}
     for arm, overrides in arms.items():
         run_dir = args.out / arm
-        if not (run_dir / "heads" / "medusa_heads.safetensors").is_file():
-            cmd = [sys.executable, "-m", "medusa_train", *overrides, f"output_dir={run_dir}", "logger=none"]
-            print("$", " ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        train_unless_saved(overrides, run_dir, args.threads)
         measured = args.out / f"{arm}.measure.json"
         if not measured.is_file():
             row = measure_heads(run_dir / "heads", args.questions, args.max_new_tokens, args.tree, args.threads)
@@ -129,11 +123,9 @@ def held_out_table(report: dict) -> str:
 def plot(report: dict, path: Path) -> None:
     """One point per arm: tau against greedy token agreement with the original model
     (Medusa-1 leaves the backbone alone: agreement 1)."""
-    import matplotlib
+    from medusa_train.eval.report import pyplot, save_figure
 
-    matplotlib.use("Agg")  # a file, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, r in report["arms"].items():
         agreement = r["quality"]["teacher_forced_agreement"] if r.get("quality") else 1.0
@@ -141,11 +133,8 @@ def plot(report: dict, path: Path) -> None:
         ax.annotate(arm, (agreement, r["tau"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("greedy token agreement with the original model")
     ax.set_ylabel(f"tau (mean accepted length, {report['tree']})")
-    ax.set_title(f"Medusa-2 vs Medusa-1, {report['stage1_steps']} + {report['stage2_steps']} steps", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path, f"Medusa-2 vs Medusa-1, {report['stage1_steps']} + {report['stage2_steps']} steps")
 
 
 if __name__ == "__main__":

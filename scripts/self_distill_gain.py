@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from compare_heads import measure_heads, table as heads_table  # noqa: E402
+from compare_heads import measure_heads, table as heads_table, train_unless_saved  # noqa: E402
 
 ARMS = ("dataset", "self_distilled")
 
@@ -47,15 +45,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     files = write_arm_files(Path(args.self_distilled), args.source, out)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     results = {}
     for arm in ARMS:
         run_dir = out / arm
-        if not (run_dir / "heads" / "medusa_heads.safetensors").is_file():
-            cmd = [sys.executable, "-m", "medusa_train", "+recipe=medusa1", f"data.sources=[{files[arm]}]",
-                   f"output_dir={run_dir}", f"train.max_steps={args.steps}", "logger=none", *args.extra]
-            print("$", " ".join(cmd), flush=True)
-            subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        train_unless_saved(["+recipe=medusa1", f"data.sources=[{files[arm]}]", f"train.max_steps={args.steps}",
+                            *args.extra], run_dir, args.threads)
         results[arm] = measure_heads(run_dir / "heads", args.questions, args.max_new_tokens, args.tree, args.threads)
     report = {"rows": count_rows(files["dataset"]), "steps": args.steps, "tree": args.tree,
               "questions": args.questions, "max_new_tokens": args.max_new_tokens, "arms": results}

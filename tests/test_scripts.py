@@ -42,3 +42,19 @@ def test_gain_report_table_and_plot(tmp_path):
     assert "| medusa2_x | 0.250 | 0.125 | 0.9600 | 0.0100 | 1.700 | 12 s |" in held
     plot(report, tmp_path / "gain.png")
     assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_arm_is_trained_once(tmp_path, monkeypatch):
+    import compare_heads
+
+    calls = []
+    monkeypatch.setattr(compare_heads.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw["env"])))
+    run_dir = tmp_path / "arm"
+    compare_heads.train_unless_saved(["+recipe=medusa1", "logger=wandb"], run_dir, threads=2)
+    cmd, env = calls[0]
+    assert cmd[-2:] == ["+recipe=medusa1", "logger=wandb"]  # the arm's own overrides come last and win
+    assert f"output_dir={run_dir}" in cmd and env["OMP_NUM_THREADS"] == "2"
+    (run_dir / "heads").mkdir(parents=True)
+    (run_dir / "heads" / "medusa_heads.safetensors").write_bytes(b"")
+    compare_heads.train_unless_saved(["+recipe=medusa1"], run_dir)
+    assert len(calls) == 1

@@ -61,7 +61,7 @@ def summary_lines(result: dict) -> list[str]:
 
 def plot_results(categories: dict[str, dict[str, dict]], path: Path, title: str = "") -> None:
     """Speedup (left) and tau (right) per category, one bar per method other than the baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     cats = list(categories)
     others = [n for n in categories["overall"] if n != BASELINE]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(cats) * 2), 4.2))
@@ -75,7 +75,7 @@ def plot_results(categories: dict[str, dict[str, dict]], path: Path, title: str 
         ax.set_xticklabels(cats, rotation=35, ha="right")
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
-    _save_figure(plt, fig, path, title)
+    save_figure(plt, fig, path, title)
 
 
 def write_results(output_dir: str | Path, result: dict, title: str = "") -> dict[str, Path]:
@@ -106,7 +106,7 @@ def search_table(search: dict, every: int = 1) -> str:
 
 def plot_search(search: dict, latency: dict, path: Path, title: str = "") -> None:
     """Expected tokens/step, step latency and expected tokens/s against the tree size."""
-    plt = _pyplot()
+    plt = pyplot()
     curve = search["curve"]
     n = [r["num_nodes"] for r in curve]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -121,7 +121,7 @@ def plot_search(search: dict, latency: dict, path: Path, title: str = "") -> Non
     for ax in axes:
         ax.axvline(search["num_nodes"], color="grey", lw=0.8, ls="--")
         ax.set_xlabel("tree nodes (root included)")
-    _save_figure(plt, fig, path, title)
+    save_figure(plt, fig, path, title)
 
 
 def write_search(output_dir: str | Path, result: dict, title: str = "") -> dict[str, Path]:
@@ -155,7 +155,8 @@ def _write_json(output_dir: str | Path, result: dict, json_name: str, md_name: s
     return paths
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only backend."""
     import matplotlib  # imported on use: only the plots need it
 
     matplotlib.use("Agg")  # files only, no display (runs on headless machines)
@@ -164,7 +165,8 @@ def _pyplot():
     return plt
 
 
-def _save_figure(plt, fig, path: Path, title: str) -> None:
+def save_figure(plt, fig, path: Path, title: str) -> None:
+    """Title, lay out, write and close `fig`."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
